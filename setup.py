@@ -1,0 +1,41 @@
+"""almak: Triton kernels and compression tools for translation LLMs.
+
+The import package `almak` is this repository's root (`package_dir={"almak": "."}`), so
+`import almak.kernels` works from an editable or a regular install; `tests/` and
+`benchmarks/` are not installed.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ["kernels", "quant", "sparse", "modeling", "cli", "eval"]
+
+setup(
+    name="almak",
+    version="0.1.0",
+    description="Compression toolkit and Triton kernels for translation LLMs (ALMA, LLaMAX, Tower)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    package_dir={"almak": ".", **{f"almak.{p}": p for p in SUBPACKAGES}},
+    packages=["almak", *[f"almak.{p}" for p in SUBPACKAGES]],
+    package_data={"almak": ["data/*/*"]},
+    include_package_data=False,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "numpy",
+        "sacrebleu>=2.4",
+        "click>=8.1",
+        "tqdm",
+        "gguf>=0.10",
+        "accelerate>=0.34",
+    ],
+    extras_require={
+        "comet": ["unbabel-comet>=2.2", "setuptools<81"],
+        "ja": ["sacrebleu[ja]>=2.4"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4"],
+    },
+    entry_points={"console_scripts": ["almak=almak.cli.main:main"]},
+)
