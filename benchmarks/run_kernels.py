@@ -1,0 +1,185 @@
+"""Microbenchmarks of the weight-only matmuls on the current device; writes benchmarks/results/<device>.json.
+
+    python benchmarks/run_kernels.py                  # both kernels, the device's whole grid
+    python benchmarks/run_kernels.py --kernels w4a16 --out /tmp/w4.json
+
+GPU: LLaMA-2-7B/13B projection shapes at M in {1, 4, 16, 64, 256, 1024}, fp16 activations, against
+torch fp16 (cuBLAS on the dense weight). CPU: the CPU path (dequantize + F.linear) on two 7B shapes at
+M in {1, 16}, fp32 activations, against dense fp32. Each record holds the median time, the speedup over
+that dense baseline and over dequantize + matmul, and the achieved weight bandwidth: bytes of the weight
+as the provider reads it (packed codes + scales + zeros for quantized providers, the dense matrix for
+the dense baseline) over the median time. Measures and records; judges nothing.
+
+The pytest-benchmark files beside this one (test_bench_*.py) run the same cases through pytest-benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from almak.kernels import w4a16, w8a16
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# (K, N) = (in_features, out_features), labelled "KxN" so that x (M, K) @ W.T gives (M, N).
+GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824), (13824, 5120)]
+GPU_M = [1, 4, 16, 64, 256, 1024]
+# Reduced CPU grid (about a minute on 2 cores): the 7B attention projection and down_proj.
+CPU_SHAPES = [(4096, 4096), (11008, 4096)]
+CPU_M = [1, 16]
+KERNELS = ("w4a16", "w8a16")
+# Benchmarked schemes: the common GPTQ/AWQ int4 layout, and per-channel symmetric int8.
+W4_GROUP_SIZE = 128
+
+
+def device_name() -> str:
+    """File-name-safe device id: the GPU's name, or the CPU model and core count."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"cpu {name} {os.cpu_count()}cores"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def grid(device: str) -> tuple[list[tuple[int, int]], list[int]]:
+    return (GPU_SHAPES, GPU_M) if device == "cuda" else (CPU_SHAPES, CPU_M)
+
+
+def providers(kernel: str, M: int, device: str) -> list[str]:
+    """Provider names for one case; the first is the dense baseline."""
+    if device != "cuda":
+        return ["torch_fp32", "dequant", "almak"]
+    names = ["torch_fp16", "dequant", "almak"]
+    if M >= w4a16.DENSE_MIN_M:
+        names.append("triton")  # auto dispatch goes dense here; time the Triton kernel to place DENSE_MIN_M
+    return names
+
+
+def make_weights(kernel: str, N: int, K: int, device: str, seed: int = 0) -> dict:
+    """Random quantized operands (codes need not come from a real W to time the kernels)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kernel == "w4a16":
+        groups = -(-K // W4_GROUP_SIZE)
+        return dict(
+            qweight=torch.randint(-(2**31), 2**31 - 1, (N, K // 8), generator=gen, dtype=torch.int32).to(device),
+            scales=(torch.rand(N, groups, generator=gen) * 0.01).to(device, torch.float16),
+            zeros=torch.full((N, groups), 8.0, dtype=torch.float16, device=device),
+            group_size=W4_GROUP_SIZE,
+        )
+    return dict(
+        qweight=torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8).to(device),
+        scales=(torch.rand(N, 1, generator=gen) * 1e-3).to(device, torch.float16),
+        zeros=None,
+        group_size=-1,
+    )
+
+
+def weight_bytes(ops: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in (ops["qweight"], ops["scales"], ops["zeros"]) if t is not None)
+
+
+def make_call(kernel: str, N: int, K: int, M: int, provider: str, device: str):
+    """Return (fn, bytes of weight that fn reads); fn() computes one (M, K) x (K, N) product."""
+    act_dtype = torch.float16 if device == "cuda" else torch.float32
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(device, act_dtype)
+    ops = make_weights(kernel, N, K, device)
+    matmul = w4a16.w4a16_matmul if kernel == "w4a16" else w8a16.w8a16_matmul
+    dequant = w4a16.dequantize_w4 if kernel == "w4a16" else w8a16.dequantize_w8
+    args = (ops["qweight"], ops["scales"], ops["zeros"], ops["group_size"])
+    if provider in ("torch_fp16", "torch_fp32"):
+        W = dequant(*args, dtype=act_dtype)
+        return (lambda: F.linear(x, W)), W.numel() * W.element_size()
+    if provider == "dequant":
+        return (lambda: F.linear(x, dequant(*args, dtype=act_dtype))), weight_bytes(ops)
+    if provider == "almak":
+        return (lambda: matmul(x, *args)), weight_bytes(ops)
+    if provider == "triton":
+        path = "decode" if M <= w4a16.DECODE_MAX_M else "prefill"
+        return (lambda: matmul(x, *args, path=path)), weight_bytes(ops)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def median_ms(fn, device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        # do_bench flushes L2 between runs, so small-M times are weight-bandwidth honest.
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()  # warm-up: first-call allocations
+    times, start = [], time.perf_counter()
+    # At least 5 runs and about a second per case: enough for a stable median on a quiet 2-core machine.
+    while len(times) < 5 or (time.perf_counter() - start < 1.0 and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def run(kernels=KERNELS, device: str | None = None) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shapes, Ms = grid(device)
+    records = []
+    for kernel in kernels:
+        for K, N in shapes:
+            for M in Ms:
+                times = {}
+                for provider in providers(kernel, M, device):
+                    fn, nbytes = make_call(kernel, N, K, M, provider, device)
+                    times[provider] = ms = median_ms(fn, device)
+                    records.append(dict(kernel=kernel, shape=f"{K}x{N}", K=K, N=N, M=M, provider=provider,
+                                        median_ms=round(ms, 5), weight_gbps=round(nbytes / ms / 1e6, 2)))
+                    print(f"{kernel} {K}x{N} M={M:<5} {provider:<11} {ms:9.3f} ms", file=sys.stderr)
+                baseline = providers(kernel, M, device)[0]
+                for rec in records[-len(times):]:
+                    rec["speedup_vs_baseline"] = round(times[baseline] / rec["median_ms"], 3)
+                    rec["speedup_vs_dequant"] = round(times["dequant"] / rec["median_ms"], 3)
+    return dict(
+        device=device_name(),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        activations="float16" if device == "cuda" else "float32",
+        baseline="torch_fp16" if device == "cuda" else "torch_fp32",
+        w4a16_scheme=f"int4 symmetric (zeros 8), group {W4_GROUP_SIZE}, fp16 scales",
+        w8a16_scheme="int8 symmetric per output channel, fp16 scales",
+        dense_min_m=w4a16.DENSE_MIN_M,
+        results=records,
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of w4a16,w8a16")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    args = parser.parse_args(argv)
+    if w4a16.INTERPRET:
+        parser.error("unset TRITON_INTERPRET: the benchmarks time real kernels, not the interpreter")
+    kernels = [k for k in args.kernels.split(",") if k]
+    if unknown := set(kernels) - set(KERNELS):
+        parser.error(f"unknown kernels {sorted(unknown)}; choose from {KERNELS}")
+    report = run(kernels)
+    out = args.out or RESULTS_DIR / f"{report['device']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

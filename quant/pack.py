@@ -1,0 +1,163 @@
+"""Packing primitives and round-to-nearest (RTN) group-wise quantization.
+
+These produce exactly what :mod:`almak.kernels` consumes:
+
+- int4: ``codes`` (N, K) in [0, 15] -> :func:`pack_int4` -> ``qweight`` (N, K // 8) int32, 8 codes along K
+  per word, lowest nibble first (compressed-tensors ``pack-quantized`` order); ``scales``/``zeros``
+  (N, ceil(K / group_size)) with ``W ~ (q - zeros) * scales``.
+- int8: ``q`` (N, K) int8 and ``scales`` of the same shape convention; ``zeros`` None when symmetric.
+
+Scale conventions (those of compressed-tensors / llm-compressor, so that a checkpoint written by either
+dequantizes the same way):
+
+- symmetric, b bits: ``s = max|W| / (2**b - 1) * 2`` (int4: ``max|W| / 7.5``, int8: ``max|W| / 127.5``),
+  signed codes ``round(W / s)`` clamped to [-2**(b-1), 2**(b-1) - 1]. int4 stores them offset by +8 as
+  unsigned codes with ``zeros = 8``; int8 stores the signed codes and no zeros. The grid reaches the most
+  negative weight exactly; the most positive one is clipped by half a step, as in compressed-tensors.
+- asymmetric: the range [min(W, 0), max(W, 0)] (so 0.0 is always exact) over ``2**b - 1`` steps,
+  ``zero = round(-min / s)`` (shifted by -128 for int8 so that codes fit int8), clamped to the code range.
+
+Group handling: ``group_size`` columns of K share a scale and zero; when it does not divide K the last group
+is ragged (shorter). ``group_size = -1`` gives one group per output channel, scales shaped (N, 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["pack_int4", "unpack_int4", "quantize_rtn_groupwise", "dequantize_groupwise"]
+
+# int4 codes per int32 word.
+PACK_FACTOR = 8
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(0, 32, 4, device=device, dtype=torch.int64)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack (N, K) 4-bit codes in [0, 15] into (N, K // 8) int32, ``W[n, 8i + j]`` in bits 4j..4j+3.
+
+    Example:
+        >>> pack_int4(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]]))
+        tensor([[-144358623]], dtype=torch.int32)
+    """
+    if q.dim() != 2 or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise ValueError(f"pack_int4: expected 2-D integer codes (N, K), got {q.dtype} of shape {tuple(q.shape)}")
+    N, K = q.shape
+    if K % PACK_FACTOR != 0:
+        raise ValueError(f"pack_int4: K must be a multiple of 8 to pack 8 codes per int32, got shape {tuple(q.shape)}")
+    q64 = q.to(torch.int64)
+    if q64.numel() and (q64.min() < 0 or q64.max() > 15):
+        raise ValueError(f"pack_int4: codes must lie in [0, 15], got [{q64.min().item()}, {q64.max().item()}]")
+    # Sum of disjoint nibbles in int64 is in [0, 2**32); nibble 7 lands on int32's sign bit, so wrap to
+    # the int32 with the same bits explicitly instead of relying on an out-of-range cast.
+    words = (q64.reshape(N, K // PACK_FACTOR, PACK_FACTOR) << _shifts(q.device)).sum(dim=-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: (N, K // 8) int32 -> (N, K) uint8 codes in [0, 15].
+
+    Example:
+        >>> unpack_int4(torch.tensor([[-144358623]], dtype=torch.int32))
+        tensor([[ 1,  2,  3,  4,  5,  6,  7, 15]], dtype=torch.uint8)
+    """
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"unpack_int4: expected a 2-D int32 tensor, got {qweight.dtype} of shape {tuple(qweight.shape)}")
+    N, Kp = qweight.shape
+    # Reinterpret as unsigned 32-bit (in int64) so the shifts are logical: nibble 7 must not sign-extend.
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    codes = (words.unsqueeze(-1) >> _shifts(qweight.device)) & 0xF
+    return codes.reshape(N, Kp * PACK_FACTOR).to(torch.uint8)
+
+
+def _grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K) -> (N, groups, group_size), the ragged last group zero-padded."""
+    N, K = W.shape
+    G = K if group_size == -1 else group_size
+    groups = -(-K // G)
+    pad = groups * G - K
+    if pad:
+        W = torch.nn.functional.pad(W, (0, pad))
+    return W.reshape(N, groups, G)
+
+
+def quantize_rtn_groupwise(W: torch.Tensor, bits: int, group_size: int, sym: bool,
+                           scale_dtype: torch.dtype | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest quantization of W (N, K) with one scale (and zero) per ``group_size`` columns.
+
+    Args:
+        W: (N, K) floating point weight (out_features, in_features).
+        bits: 4 or 8.
+        group_size: columns per group (the last one may be ragged), or -1 for one group per row.
+        sym: symmetric (no zero point) or asymmetric (min/max range).
+        scale_dtype: dtype of the returned scales and zeros; W's dtype by default. Codes are computed
+            against the scales as stored in that dtype, so dequantizing reproduces them exactly.
+
+    Returns:
+        ``(q, scales, zeros)``. bits=4: q (N, K) uint8 codes in [0, 15] (pack them with :func:`pack_int4`),
+        zeros (8 when symmetric) as floats. bits=8: q (N, K) int8; zeros None when symmetric, else floats
+        in [-128, 127]. scales/zeros are (N, ceil(K / group_size)), or (N, 1) for group_size -1.
+
+    Example:
+        >>> q, s, z = quantize_rtn_groupwise(torch.randn(64, 576), bits=4, group_size=128, sym=True)
+        >>> q.shape, s.shape, z.unique().tolist()
+        (torch.Size([64, 576]), torch.Size([64, 5]), [8.0])
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"quantize_rtn_groupwise: bits must be 4 or 8, got {bits}")
+    if W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"quantize_rtn_groupwise: W must be a 2-D floating tensor, got {W.dtype} {tuple(W.shape)}")
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"quantize_rtn_groupwise: group_size must be positive or -1, got {group_size}")
+    scale_dtype = scale_dtype or W.dtype
+    N, K = W.shape
+    Wg = _grouped(W.float(), group_size)
+    levels = 2**bits - 1  # 15 or 255 steps
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1  # signed code range
+    if sym:
+        s = Wg.abs().amax(dim=-1) / (levels / 2)
+    else:
+        lo = Wg.amin(dim=-1).clamp(max=0.0)
+        hi = Wg.amax(dim=-1).clamp(min=0.0)
+        s = (hi - lo) / levels
+    # An all-zero group gets scale 1 (its codes are all zero-point either way).
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    # Store the scale rounded up, never down, in scale_dtype (a scale rounded down would clip the range
+    # ends by more than half a step), and compute codes against the stored value the kernels will read.
+    stored = s.to(scale_dtype)
+    stored = torch.where(stored.float() < s, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    s = stored.float()
+    if sym:
+        z = torch.zeros_like(s)
+    else:
+        # Signed zero point: lo / s + z lands on qmin.
+        z = (qmin - torch.round(lo / s)).clamp(qmin, qmax)
+    q = (torch.round(Wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(qmin, qmax)
+    q = q.reshape(N, -1)[:, :K]
+    if bits == 4:
+        # Unsigned codes and zeros for the pack-quantized layout: shift both by +8.
+        return (q + 8).to(torch.uint8), s.to(scale_dtype), (z + 8).to(scale_dtype)
+    return q.to(torch.int8), s.to(scale_dtype), None if sym else z.to(scale_dtype)
+
+
+def dequantize_groupwise(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                         group_size: int) -> torch.Tensor:
+    """``(q - zeros[g]) * scales[g]`` in float32 for unpacked codes q (N, K); zeros None means 0.
+
+    Example:
+        >>> q, s, z = quantize_rtn_groupwise(W, 4, 64, sym=False)
+        >>> W_hat = dequantize_groupwise(q, s, z, 64)   # (N, K) float32
+    """
+    N, K = q.shape
+    groups = 1 if group_size == -1 else -(-K // group_size)
+    s = scales.reshape(N, groups).float()
+    z = None if zeros is None else zeros.reshape(N, groups).float()
+    G = K if group_size == -1 else group_size
+    s = s.repeat_interleave(G, dim=1)[:, :K]
+    z = None if z is None else z.repeat_interleave(G, dim=1)[:, :K]
+    qf = q.float()
+    return (qf if z is None else qf - z) * s
