@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"almak": ".", **{f"almak.{p}": p for p in SUBPACKAGES}},
     packages=["almak", *[f"almak.{p}" for p in SUBPACKAGES]],
-    package_data={"almak": ["data/*/*"]},
+    package_data={"almak": ["data/*", "data/*/*"]},
     include_package_data=False,
     install_requires=[
         "torch>=2.4",

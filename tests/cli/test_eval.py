@@ -1,0 +1,70 @@
+"""`almak eval` end to end on the embedded model (a few sentences, greedy)."""
+import json
+import math
+
+from click.testing import CliRunner
+
+from almak.cli.main import main
+
+FAST = ["--limit", "3", "--num-beams", "1", "--max-new-tokens", "24", "--device", "cpu"]
+
+
+def test_json_report_and_out_dir(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["eval", "--testset", "wmt22:de-en", *FAST, "--format", "json",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in ("bleu", "chrf", "ppl", "nll", "sentences_per_s", "generated_tokens_per_s",
+                "peak_memory_bytes", "weight_bytes", "bleu_signature", "chrf_signature"):
+        assert key in report, key
+    assert 0 <= report["chrf"] <= 100 and math.isfinite(report["ppl"]) and report["ppl"] > 1
+    assert report["n"] == 3 and report["model"] == "smollm2-135m"
+    assert report["weight_bytes"] > 100e6  # 135M parameters in fp32, tied embeddings counted once
+    assert len((out / "hyps.txt").read_text(encoding="utf-8").splitlines()) == 3
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["chrf"] == report["chrf"]
+
+    again = CliRunner().invoke(main, ["eval", *FAST, "--out", str(out)])
+    assert again.exit_code == 1 and "pass --overwrite" in again.output
+
+
+def test_table_and_nll_only(smollm):
+    result = CliRunner().invoke(main, ["eval", *FAST, "--metrics", "nll"])
+    assert result.exit_code == 0, result.output
+    assert "reference ppl" in result.output and "BLEU" not in result.output
+    assert "sentences/s" not in result.output  # nll alone does not generate
+
+
+def test_reference_nll_matches_an_unbatched_computation(smollm):
+    """Batched right-padded scoring equals scoring each sentence alone."""
+    import torch
+
+    from almak.eval.data import load_testset
+    from almak.eval.metrics import reference_nll
+    from almak.eval.prompts import Prompt
+
+    ts = load_testset("wmt22:de-en").head(3)
+    prompt = Prompt("alma", "de", "en")
+    batched = reference_nll(smollm.model, smollm.tokenizer, ts.sources, ts.references, prompt, batch_size=3)
+    total, tokens = 0.0, 0
+    for s, r in zip(ts.sources, ts.references):
+        p = smollm.tokenizer(prompt.build(s))["input_ids"]
+        c = smollm.tokenizer(" " + r, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = smollm.model(torch.tensor([p + c])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        total -= sum(float(logp[len(p) + i - 1, t]) for i, t in enumerate(c))
+        tokens += len(c)
+    assert batched.tokens == tokens
+    assert batched.total == __import__("pytest").approx(total, rel=1e-4)  # fp32, padding changes summation order
+
+
+def test_bad_input(tmp_path):
+    cases = [
+        (["--testset", "wmt22:de-fr"], "no bundled WMT22 set"),
+        (["--metrics", "bleu,foo"], "unknown metric"),
+        (["--testset", str(tmp_path / "missing.json")], "nor an existing file"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["eval", *args])
+        assert result.exit_code == 1 and message in result.output, (args, result.output)

@@ -1,0 +1,71 @@
+"""`almak translate` on the embedded model: one line out per line in, and every bad input refused cleanly."""
+import pytest
+from click.testing import CliRunner
+
+from almak.cli.main import main
+
+FAST = ["--num-beams", "1", "--max-new-tokens", "12", "--device", "cpu"]
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+def test_stdin_to_stdout_keeps_empty_lines():
+    result = invoke("translate", "--src", "de", "--tgt", "en", *FAST,
+                    input="Die Ware hat unter 20 Euro gekostet.\n\nDanke.\n")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.split("\n")
+    assert len(lines) == 4 and lines[3] == ""  # three lines, each newline-terminated
+    assert lines[0].strip() and lines[1] == "" and lines[2].strip()
+
+
+def test_beam_search_file_to_file(tmp_path, tiny_llama_dir):
+    src = tmp_path / "in.txt"
+    src.write_text("Hallo Welt\nGuten Morgen\n", encoding="utf-8")
+    out = tmp_path / "out.txt"
+    result = invoke("translate", str(tiny_llama_dir), "--src", "de", "--tgt", "en", "-i", str(src), "-o", str(out),
+                    "--num-beams", "3", "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text(encoding="utf-8").split("\n")) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_batching_does_not_change_greedy_output(smollm):
+    from almak.eval.data import load_testset
+    from almak.eval.generate import GenerationConfig, translate
+    from almak.eval.prompts import Prompt
+
+    sources = load_testset("wmt22:de-en").sources[:4]
+    runs = [translate(smollm.model, smollm.tokenizer, sources, Prompt("alma", "de", "en"),
+                      GenerationConfig(num_beams=1, max_new_tokens=16, batch_size=bs)).hypotheses
+            for bs in (1, 4)]
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--src", "xx", "--tgt", "en"], "unknown language code 'xx'"),
+    (["--src", "de", "--tgt", "en", "-i", "missing.txt"], "input file 'missing.txt' does not exist"),
+    (["nosuchmodel", "--src", "de", "--tgt", "en"], "unknown model 'nosuchmodel'"),
+    (["--src", "de", "--tgt", "en", "--num-beams", "0"], "--num-beams"),
+    (["--src", "de", "--tgt", "en", "--device", "tpu9"], "unknown device"),
+])
+def test_bad_input(args, message):
+    result = invoke("translate", *args, input="Hallo\n")
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_empty_input_file(tmp_path):
+    (tmp_path / "e.txt").write_text("", encoding="utf-8")
+    result = invoke("translate", "--src", "de", "--tgt", "en", "-i", str(tmp_path / "e.txt"))
+    assert result.exit_code == 1 and "is empty" in result.output
+
+
+def test_existing_output_is_refused_and_kept(tmp_path):
+    out = tmp_path / "out.txt"
+    out.write_text("keep me\n", encoding="utf-8")
+    result = invoke("translate", "--src", "de", "--tgt", "en", "-o", str(out), *FAST, input="Hallo\n")
+    assert result.exit_code == 1 and "pass --overwrite" in result.output
+    assert out.read_text(encoding="utf-8") == "keep me\n"
