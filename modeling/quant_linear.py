@@ -1,0 +1,177 @@
+"""``QuantLinear``: a linear layer with INT4/INT8 weights, group-wise scales and zeros, on almak's kernels.
+
+Buffers (the compressed-tensors ``pack-quantized`` layout, what checkpoints store):
+
+- ``weight_packed``: bits=4: (N, K // 8) int32, 8 nibbles along K, lowest first (symmetric codes offset by
+  +8); bits=8: (N, K) int8 codes in [-128, 127] (asymmetric int8 has float zeros in that range).
+- ``weight_scale``: (N, G) with G = ceil(K / group_size), or (N, 1) per output channel.
+- ``weight_zero_point``: (N, G) floats, only when asymmetric (symmetric zeros are implied: 8 for int4, 0 for int8).
+
+Where the matmul runs:
+
+- CUDA: the Triton kernels of :mod:`almak.kernels` (they pick decode / prefill / cuBLAS by M themselves).
+- CPU: PyTorch's native weight-only kernels where they apply (``_weight_int8pack_mm`` for per-channel
+  symmetric int8, ``_weight_int4pack_mm_for_cpu`` for int4 with a group size that divides K); both want
+  bf16 activations, so x is rounded to bf16 there. Elsewhere (ragged or per-channel int4, grouped int8, small
+  layers where the native kernels lose) the layer dequantizes once and keeps the float weight: as fast as
+  the dense layer, and as large. ``extra_repr`` names the path a layer takes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from almak.quant.pack import pack_int4, quantize_rtn_groupwise, unpack_int4
+
+GROUP_SIZES = (32, 64, 128, 256, -1)
+# Below this many weights the native CPU kernels lose to a dense fp32 matmul at M=1; measured with
+# benchmarks/run_kernels.py on a 2-core x86_64 VM (2026-11-25): at 576x1536 / 1536x576 dense took 0.09-0.12 ms,
+# native int8 0.06 ms and int4 0.08-0.28 ms; at 4096x11008 dense 7.3 ms, int8 3.9 ms.
+CPU_NATIVE_MIN_WEIGHTS = 4096 * 4096
+# inner K tiles of PyTorch's CPU int4 packing (its accepted values are 2, 4, 8).
+INT4_INNER_K_TILES = 2
+
+
+def check_quant_args(bits: int, group_size: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W).T + b`` with W stored in 4 or 8 bits.
+
+    >>> layer = QuantLinear.from_float(nn.Linear(576, 1536), bits=4, group_size=64)
+    >>> layer(torch.randn(2, 576)).shape
+    torch.Size([2, 1536])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
+                 sym: bool = True, bias: bool = False, dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        check_quant_args(bits, group_size)
+        if bits == 4 and in_features % 8:
+            raise ValueError(f"int4 needs in_features divisible by 8 (8 codes per int32), got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
+        if bits == 4:
+            packed = torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device)
+        else:
+            packed = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+        zeros = None if sym else torch.zeros(out_features, groups, dtype=dtype, device=device)
+        self.register_buffer("weight_zero_point", zeros)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._cpu_cache: tuple | None = None  # (path, tensors...) built on first CPU forward
+        # "auto": Triton on CUDA tensors, the CPU path otherwise; "triton" forces the Triton launcher (on CPU
+        # tensors that needs TRITON_INTERPRET=1, which is how the tests exercise it).
+        self.backend = "auto"
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, sym: bool = True) -> "QuantLinear":
+        """Round-to-nearest quantization of ``linear`` (scales in the layer's dtype)."""
+        W = linear.weight
+        layer = cls(linear.in_features, linear.out_features, bits, group_size, sym, linear.bias is not None,
+                    dtype=W.dtype, device=W.device)
+        q, scales, zeros = quantize_rtn_groupwise(W.float(), bits, group_size, sym, scale_dtype=W.dtype)
+        layer.set_quantized(q, scales, zeros)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> None:
+        """Store codes (N, K) and their scales/zeros as ``quantize_rtn_groupwise`` returns them."""
+        self.weight_packed.copy_(pack_int4(q) if self.bits == 4 else q)
+        self.weight_scale.copy_(scales.reshape(self.weight_scale.shape))
+        if not self.sym:
+            self.weight_zero_point.copy_(zeros.reshape(self.weight_zero_point.shape))
+        self._cpu_cache = None
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes (N, K): uint8 in [0, 15] for int4, int8 for int8."""
+        return unpack_int4(self.weight_packed) if self.bits == 4 else self.weight_packed
+
+    def zeros(self) -> torch.Tensor | None:
+        if not self.sym:
+            return self.weight_zero_point
+        if self.bits == 4:
+            return torch.full_like(self.weight_scale, 8)
+        return None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight (N, K) these codes stand for."""
+        from almak.kernels.w4a16 import dequantize_w4
+        from almak.kernels.w8a16 import dequantize_w8
+
+        fn = dequantize_w4 if self.bits == 4 else dequantize_w8
+        W = fn(self.weight_packed, self.weight_scale, self.zeros(), self.group_size)
+        return W.to(dtype or self.weight_scale.dtype)
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def cpu_path(self) -> str:
+        """``native-int8``, ``native-int4`` or ``dense`` (see the module docstring)."""
+        if self.out_features * self.in_features < CPU_NATIVE_MIN_WEIGHTS:
+            return "dense"
+        if self.bits == 8 and self.sym and self.group_size == -1:
+            return "native-int8"
+        if (self.bits == 4 and self.group_size in (32, 64, 128, 256) and self.in_features % self.group_size == 0
+                and self.in_features % (16 * INT4_INNER_K_TILES) == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+            return "native-int4"
+        return "dense"
+
+    def _build_cpu_cache(self) -> tuple:
+        path = self.cpu_path()
+        if path == "native-int8":
+            return path, self.weight_packed, self.weight_scale.reshape(-1).to(torch.bfloat16)
+        if path == "native-int4":
+            q = self.codes().to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
+            s = self.weight_scale.float()
+            # PyTorch's int4 kernel computes (q - 8) * scale + offset; ours is (q - z) * scale.
+            offset = (8 - self.zeros().float()) * s
+            sz = torch.stack([s, offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            return path, packed, sz
+        return path, self.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or self.backend == "triton":
+            y = self._triton(x)
+        else:
+            if self._cpu_cache is None:
+                self._cpu_cache = self._build_cpu_cache()
+            path, *t = self._cpu_cache
+            if path == "dense":
+                return F.linear(x, t[0].to(x.dtype), self.bias)
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            if path == "native-int8":
+                y = torch.ops.aten._weight_int8pack_mm(x2, t[0], t[1])
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, t[0], self.group_size, t[1])
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        from almak.kernels import w4a16_matmul, w8a16_matmul
+
+        if self.bits == 4:
+            return w4a16_matmul(x, self.weight_packed, self.weight_scale, self.zeros(), self.group_size)
+        return w8a16_matmul(x, self.weight_packed, self.weight_scale, self.zeros(), self.group_size)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() invalidate the CPU-side cache
+        self._cpu_cache = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        scheme = f"int{self.bits} {'sym' if self.sym else 'asym'}, group_size={self.group_size}"
+        where = "triton (cuda)" if self.weight_packed.is_cuda else f"cpu path={self.cpu_path()}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, "
+                f"bias={self.bias is not None}, {where}")
