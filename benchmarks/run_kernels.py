@@ -4,8 +4,9 @@
     python benchmarks/run_kernels.py --kernels w4a16 --out /tmp/w4.json
 
 GPU: LLaMA-2-7B/13B projection shapes at M in {1, 4, 16, 64, 256, 1024}, fp16 activations, against
-torch fp16 (cuBLAS on the dense weight). CPU: the CPU path (dequantize + F.linear) on two 7B shapes at
-M in {1, 16}, fp32 activations, against dense fp32. Each record holds the median time, the speedup over
+torch fp16 (cuBLAS on the dense weight). CPU: ``almak`` is QuantLinear's CPU path (PyTorch's native
+weight-only kernels, which round x to bf16) on two 7B shapes at M in {1, 16}, fp32 activations, against
+dense fp32. Each record holds the median time, the speedup over
 that dense baseline and over dequantize + matmul, and the achieved weight bandwidth: bytes of the weight
 as the provider reads it (packed codes + scales + zeros for quantized providers, the dense matrix for
 the dense baseline) over the median time. Measures and records; judges nothing.
@@ -95,6 +96,17 @@ def weight_bytes(ops: dict) -> int:
     return sum(t.numel() * t.element_size() for t in (ops["qweight"], ops["scales"], ops["zeros"]) if t is not None)
 
 
+def cpu_layer(kernel: str, N: int, K: int, ops: dict):
+    """The QuantLinear that real CPU inference runs (PyTorch's native weight-only kernels on these shapes)."""
+    from almak.modeling.quant_linear import QuantLinear
+
+    layer = QuantLinear(K, N, bits=4 if kernel == "w4a16" else 8, group_size=ops["group_size"], sym=True,
+                        dtype=ops["scales"].dtype)
+    layer.weight_packed.copy_(ops["qweight"])
+    layer.weight_scale.copy_(ops["scales"].reshape(layer.weight_scale.shape))
+    return layer
+
+
 def make_call(kernel: str, N: int, K: int, M: int, provider: str, device: str):
     """Return (fn, bytes of weight that fn reads); fn() computes one (M, K) x (K, N) product."""
     act_dtype = torch.float16 if device == "cuda" else torch.float32
@@ -108,6 +120,9 @@ def make_call(kernel: str, N: int, K: int, M: int, provider: str, device: str):
         return (lambda: F.linear(x, W)), W.numel() * W.element_size()
     if provider == "dequant":
         return (lambda: F.linear(x, dequant(*args, dtype=act_dtype))), weight_bytes(ops)
+    if provider == "almak" and device != "cuda":
+        layer = cpu_layer(kernel, N, K, ops)
+        return (lambda: layer(x)), weight_bytes(ops)
     if provider == "almak":
         return (lambda: matmul(x, *args)), weight_bytes(ops)
     if provider == "triton":

@@ -10,11 +10,12 @@ Buffers (the compressed-tensors ``pack-quantized`` layout, what checkpoints stor
 Where the matmul runs:
 
 - CUDA: the Triton kernels of :mod:`almak.kernels` (they pick decode / prefill / cuBLAS by M themselves).
-- CPU: PyTorch's native weight-only kernels where they apply (``_weight_int8pack_mm`` for per-channel
-  symmetric int8, ``_weight_int4pack_mm_for_cpu`` for int4 with a group size that divides K); both want
-  bf16 activations, so x is rounded to bf16 there. Elsewhere (ragged or per-channel int4, grouped int8, small
-  layers where the native kernels lose) the layer dequantizes once and keeps the float weight: as fast as
-  the dense layer, and as large. ``extra_repr`` names the path a layer takes.
+- CPU: PyTorch's native weight-only kernels for small M (decode), where they apply: ``_weight_int8pack_mm``
+  for per-channel symmetric int8, ``_weight_int4pack_mm_for_cpu`` for int4 with a group size that divides
+  K. Both want bf16 activations, so x is rounded to bf16 there. For larger M (prefill), and for schemes the
+  native kernels do not cover (ragged or per-channel int4, grouped or asymmetric int8), the layer
+  dequantizes once and keeps the float weight: as fast as the dense layer, and as large, so on the CPU a
+  quantized model saves speed in decode but not memory. ``extra_repr`` names the paths a layer takes.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ import torch.nn.functional as F
 from almak.quant.pack import pack_int4, quantize_rtn_groupwise, unpack_int4
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
-# Below this many weights the native CPU kernels lose to a dense fp32 matmul at M=1; measured with
-# benchmarks/run_kernels.py on a 2-core x86_64 VM (2026-11-25): at 576x1536 / 1536x576 dense took 0.09-0.12 ms,
-# native int8 0.06 ms and int4 0.08-0.28 ms; at 4096x11008 dense 7.3 ms, int8 3.9 ms.
-CPU_NATIVE_MIN_WEIGHTS = 4096 * 4096
+# Rows of x up to which the native CPU kernels beat dense fp32; above it the dense path runs. Measured on a
+# 2-core x86_64 VM (2026-11-25, ms per call, dense fp32 / native int4 / native int8): 4096x11008 M=1
+# 7.6 / 3.2 / 1.9, M=8 19.8 / 8.6 / 8.4, M=40 37.7 / 43.1 / 41.2; 1536x576 M=8 0.37 / 0.19 / 0.18,
+# M=40 0.57 / 0.88 / 0.85.
+CPU_NATIVE_MAX_M = 16
 # inner K tiles of PyTorch's CPU int4 packing (its accepted values are 2, 4, 8).
 INT4_INNER_K_TILES = 2
 
@@ -68,7 +70,7 @@ class QuantLinear(nn.Module):
         zeros = None if sym else torch.zeros(out_features, groups, dtype=dtype, device=device)
         self.register_buffer("weight_zero_point", zeros)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self._cpu_cache: tuple | None = None  # (path, tensors...) built on first CPU forward
+        self._cpu_cache: dict[str, tuple] = {}  # CPU path -> its operands, built on first use
         # "auto": Triton on CUDA tensors, the CPU path otherwise; "triton" forces the Triton launcher (on CPU
         # tensors that needs TRITON_INTERPRET=1, which is how the tests exercise it).
         self.backend = "auto"
@@ -93,7 +95,7 @@ class QuantLinear(nn.Module):
         self.weight_scale.copy_(scales.reshape(self.weight_scale.shape))
         if not self.sym:
             self.weight_zero_point.copy_(zeros.reshape(self.weight_zero_point.shape))
-        self._cpu_cache = None
+        self._cpu_cache = {}
 
     def codes(self) -> torch.Tensor:
         """The integer codes (N, K): uint8 in [0, 15] for int4, int8 for int8."""
@@ -118,44 +120,44 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
 
     def cpu_path(self) -> str:
-        """``native-int8``, ``native-int4`` or ``dense`` (see the module docstring)."""
-        if self.out_features * self.in_features < CPU_NATIVE_MIN_WEIGHTS:
-            return "dense"
+        """The decode-size CPU path: ``native-int8``, ``native-int4`` or ``dense`` (see the module docstring)."""
         if self.bits == 8 and self.sym and self.group_size == -1:
             return "native-int8"
         if (self.bits == 4 and self.group_size in (32, 64, 128, 256) and self.in_features % self.group_size == 0
-                and self.in_features % (16 * INT4_INNER_K_TILES) == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+                and self.in_features % (16 * INT4_INNER_K_TILES) == 0):
             return "native-int4"
         return "dense"
 
-    def _build_cpu_cache(self) -> tuple:
-        path = self.cpu_path()
-        if path == "native-int8":
-            return path, self.weight_packed, self.weight_scale.reshape(-1).to(torch.bfloat16)
-        if path == "native-int4":
-            q = self.codes().to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
-            s = self.weight_scale.float()
-            # PyTorch's int4 kernel computes (q - 8) * scale + offset; ours is (q - z) * scale.
-            offset = (8 - self.zeros().float()) * s
-            sz = torch.stack([s, offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            return path, packed, sz
-        return path, self.dequantize()
+    def _cpu_operands(self, path: str) -> tuple:
+        """What a CPU path multiplies with, built on first use and kept (dropped by ``.to()``)."""
+        if path not in self._cpu_cache:
+            if path == "native-int8":
+                ops = (self.weight_packed, self.weight_scale.reshape(-1).to(torch.bfloat16))
+            elif path == "native-int4":
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32),
+                                                                           INT4_INNER_K_TILES)
+                s = self.weight_scale.float()
+                # PyTorch's int4 kernel computes (q - 8) * scale + offset; ours is (q - z) * scale.
+                offset = (8 - self.zeros().float()) * s
+                ops = (packed, torch.stack([s, offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+            else:
+                ops = (self.dequantize(),)
+            self._cpu_cache[path] = ops
+        return self._cpu_cache[path]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda or self.backend == "triton":
             y = self._triton(x)
         else:
-            if self._cpu_cache is None:
-                self._cpu_cache = self._build_cpu_cache()
-            path, *t = self._cpu_cache
+            x2 = x.reshape(-1, self.in_features)
+            path = self.cpu_path() if x2.shape[0] <= CPU_NATIVE_MAX_M else "dense"
+            ops = self._cpu_operands(path)
             if path == "dense":
-                return F.linear(x, t[0].to(x.dtype), self.bias)
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+                return F.linear(x, ops[0].to(x.dtype), self.bias)
             if path == "native-int8":
-                y = torch.ops.aten._weight_int8pack_mm(x2, t[0], t[1])
+                y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), *ops)
             else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, t[0], self.group_size, t[1])
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), ops[0], self.group_size, ops[1])
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -167,11 +169,12 @@ class QuantLinear(nn.Module):
         return w8a16_matmul(x, self.weight_packed, self.weight_scale, self.zeros(), self.group_size)
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() invalidate the CPU-side cache
-        self._cpu_cache = None
+        self._cpu_cache = {}
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         scheme = f"int{self.bits} {'sym' if self.sym else 'asym'}, group_size={self.group_size}"
-        where = "triton (cuda)" if self.weight_packed.is_cuda else f"cpu path={self.cpu_path()}"
+        where = ("triton (cuda)" if self.weight_packed.is_cuda
+                 else f"cpu path={self.cpu_path()} (M<={CPU_NATIVE_MAX_M}), dense above")
         return (f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, "
                 f"bias={self.bias is not None}, {where}")
