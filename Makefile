@@ -6,7 +6,7 @@ VENV ?= .venv
 COMET_VENV ?= .venv-comet
 PIP_QUIET ?= -q
 
-.PHONY: demo test test-core test-comet bench-kernels clean
+.PHONY: demo test test-core test-comet bench-kernels gpu-check clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,10 @@ bench-kernels: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(COMET_VENV) *.egg-info .pytest_cache
+
+# On a GPU machine that already has torch and triton: the kernel/quant/modeling tests on the real GPU (no
+# interpreter), then the kernel microbenchmarks, which write benchmarks/results/<gpu>.json. Budget: <10 min.
+gpu-check:
+	$(PYTHON) -m pip install $(PIP_QUIET) --no-deps -e .
+	TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/quant tests/modeling/test_quant_linear.py
+	TRITON_INTERPRET=0 $(PYTHON) benchmarks/run_kernels.py
