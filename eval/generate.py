@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from almak.errors import AlmakError
 from almak.eval.prompts import Prompt
 
 
@@ -25,8 +26,6 @@ class GenerationConfig:
     def __post_init__(self):
         for name in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                from almak.errors import AlmakError
-
                 raise AlmakError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 

@@ -142,7 +142,6 @@ def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto")
     >>> lm.model.config.num_hidden_layers        # doctest: +SKIP
     30
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref = ref or DEFAULT_MODEL
     dev = check_device(device)

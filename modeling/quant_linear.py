@@ -25,9 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from almak.quant.pack import pack_int4, quantize_rtn_groupwise, unpack_int4
+from almak.quant.pack import GROUP_SIZES, pack_int4, quantize_rtn_groupwise, unpack_int4
 
-GROUP_SIZES = (32, 64, 128, 256, -1)
 # Rows of x up to which the native CPU kernels beat dense fp32; above it the dense path runs. Measured on a
 # 2-core x86_64 VM (2026-11-25, ms per call, dense fp32 / native int4 / native int8): 4096x11008 M=1
 # 7.6 / 3.2 / 1.9, M=8 19.8 / 8.6 / 8.4, M=40 37.7 / 43.1 / 41.2; 1536x576 M=8 0.37 / 0.19 / 0.18,

@@ -12,7 +12,8 @@ from typing import Callable
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.quant_linear import GROUP_SIZES, QuantLinear
+from almak.modeling.quant_linear import QuantLinear
+from almak.quant.pack import GROUP_SIZES
 
 log = logging.getLogger(__name__)
 

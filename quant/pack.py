@@ -29,6 +29,8 @@ __all__ = ["pack_int4", "unpack_int4", "quantize_rtn_groupwise", "dequantize_gro
 
 # int4 codes per int32 word.
 PACK_FACTOR = 8
+# Group sizes almak's schemes use (the kernels compile for these); -1 is one group per output row.
+GROUP_SIZES = (32, 64, 128, 256, -1)
 
 
 def _shifts(device: torch.device) -> torch.Tensor:
