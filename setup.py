@@ -35,7 +35,7 @@ setup(
     extras_require={
         "comet": ["unbabel-comet>=2.2", "setuptools<81"],
         "ja": ["sacrebleu[ja]>=2.4"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "compressed-tensors>=0.20"],
     },
     entry_points={"console_scripts": ["almak=almak.cli.main:main"]},
 )

