@@ -136,6 +136,7 @@ def write_eval_dir(out: Path, report: dict, hyps: list[str], overwrite: bool) ->
     """``out/hyps.txt`` and ``out/report.json``, written into a temporary folder renamed at the end."""
     check_new_output(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         if hyps:
             (tmp / "hyps.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
