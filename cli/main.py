@@ -236,7 +236,7 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, la
         click.echo(json.dumps(report, ensure_ascii=False))
         return
     rows = [("model", lm.ref), ("test set", f"{ts.name} ({ts.lang_pair}, {len(ts.sources)} sentences)"),
-            ("prompt / beams", f"{config.prompt} / {num_beams}")]
+            ("prompt / beams", f"{config.prompt} / {num_beams}" if "sentences_per_s" in report else config.prompt)]
     rows += _metric_rows(report)
     if "sentences_per_s" in report:
         rows += [("sentences/s", fmt(report["sentences_per_s"])),

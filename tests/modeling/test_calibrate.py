@@ -72,7 +72,6 @@ def test_pass_without_compression_reproduces_the_model(tiny):
         def add_batch(self, x):
             self.tokens += x.reshape(-1, x.shape[-1]).shape[0]
 
-    finals = []
 
     def finish(index, layer, observers):
         seen[index] = {n: o.tokens for n, o in observers.items()}
