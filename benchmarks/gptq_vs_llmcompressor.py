@@ -48,7 +48,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -66,14 +65,11 @@ MARK = "@@RESULT@@ "
 
 
 def device_name() -> str:
-    """File-name-safe CPU model and core count (the CPU branch of benchmarks/run_kernels.py's device_name)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return re.sub(r"[^a-z0-9]+", "-", f"cpu {name} {os.cpu_count()}cores".lower()).strip("-")
+    """The results file's device id, as benchmarks/run_kernels.py names it (this folder is no package)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_kernels import device_name as kernels_device_name
+
+    return kernels_device_name()
 
 
 def versions() -> dict:
