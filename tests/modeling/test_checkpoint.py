@@ -150,6 +150,13 @@ def test_int4_weight_packed_is_stored_as_is(tiny):
 # ------------------------------------------------------------------------------------------------ interop
 
 def transformers_load(folder, dequantize):
+    if dequantize:
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) < 5:
+            # transformers 4.x + compressed-tensors cannot load asymmetric pack-quantized checkpoints at all
+            # (zero-point shape mismatch, llm-compressor's own too; upstream #1618/#1704); 5.x can, dequantized.
+            pytest.xfail("asymmetric pack-quantized checkpoints do not load in transformers 4.x")
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
