@@ -25,7 +25,7 @@ import torch.nn as nn
 from almak.errors import AlmakError
 from almak.quant.pack import GROUP_SIZES, quantize_rtn_groupwise
 
-__all__ = ["GPTQConfig", "GPTQ"]
+__all__ = ["GPTQConfig", "GPTQ", "inverse_hessian_factor"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,22 @@ class GPTQConfig:
             raise AlmakError(f"GPTQ: damp must be a fraction strictly between 0 and 1 (e.g. 0.01), got {self.damp!r}")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
             raise AlmakError(f"GPTQ: block_size must be a positive integer, got {self.block_size!r}")
+
+
+def inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, damp: float, who: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, dead columns' diagonal set to
+    1 first. ``H`` is modified in place. Shared by GPTQ and SparseGPT (same solver, same Hessian)."""
+    K = H.shape[0]
+    H.diagonal()[dead] = 1
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L, info = torch.linalg.cholesky_ex(H)
+    if info != 0:
+        raise AlmakError(f"{who}: the dampened Hessian is not positive definite (damp={damp}); "
+                         f"try a larger damp or more calibration data")
+    # H⁻¹ by cholesky_solve, not cholesky_inverse: same result, but MKL's potri is far slower on the CPU
+    # (2-core x86_64, 2026-11-25: K=576 0.97 s vs 0.023 s; K=1536 11.3 s vs 0.18 s).
+    Hinv = torch.cholesky_solve(torch.eye(K, device=H.device), L)
+    return torch.linalg.cholesky(Hinv, upper=True)
 
 
 class GPTQ:
@@ -154,17 +170,8 @@ class GPTQ:
         M = None if M is None else M[:, perm]
         group_of = group_of[perm].tolist()
 
-        H.diagonal()[dead[perm]] = 1
-        H.diagonal().add_(config.damp * torch.mean(torch.diag(H)))
-        L, info = torch.linalg.cholesky_ex(H)
-        if info != 0:
-            raise AlmakError(f"GPTQ: the dampened Hessian is not positive definite (damp={config.damp}); "
-                             f"try a larger damp or more calibration data")
-        # H⁻¹ by cholesky_solve, not cholesky_inverse: same result, but MKL's potri is far slower on the CPU
-        # (2-core x86_64, 2026-11-25: K=576 0.97 s vs 0.023 s; K=1536 11.3 s vs 0.18 s).
-        Hinv = torch.cholesky_solve(torch.eye(K, device=device), L)
-        Hinv = torch.linalg.cholesky(Hinv, upper=True)
-        del H, L
+        Hinv = inverse_hessian_factor(H, dead[perm], config.damp, "GPTQ")
+        del H
         self.H = None
 
         # Groups computed during the sweep must see their columns fully updated: with no block boundary
