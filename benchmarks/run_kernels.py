@@ -1,15 +1,19 @@
 """Microbenchmarks of the weight-only matmuls on the current device; writes benchmarks/results/<device>.json.
 
-    python benchmarks/run_kernels.py                  # both kernels, the device's whole grid
+    python benchmarks/run_kernels.py                  # every kernel, the device's whole grid
     python benchmarks/run_kernels.py --kernels w4a16 --out /tmp/w4.json
+    python benchmarks/run_kernels.py --kernels sparse24,sparse24_w4
 
 GPU: LLaMA-2-7B/13B projection shapes at M in {1, 4, 16, 64, 256, 1024}, fp16 activations, against
 torch fp16 (cuBLAS on the dense weight). CPU: ``almak`` is QuantLinear's CPU path (PyTorch's native
 weight-only kernels, which round x to bf16) on two 7B shapes at M in {1, 16}, fp32 activations, against
-dense fp32. Each record holds the median time, the speedup over
-that dense baseline and over dequantize + matmul, and the achieved weight bandwidth: bytes of the weight
-as the provider reads it (packed codes + scales + zeros for quantized providers, the dense matrix for
-the dense baseline) over the median time. Measures and records; judges nothing.
+dense fp32. The 2:4 sparse kernels (``sparse24``: fp16 kept values; ``sparse24_w4``: int4 kept values) run on
+LLaMA-2-7B shapes at M in {1, 16, 256}; their ``dequant`` provider is decompress + matmul, and on CPU their
+``almak`` is the auto path, which is that same decompress + matmul. Each record holds the median time, the
+speedup over that dense baseline and over dequantize + matmul, and the achieved weight bandwidth: bytes of
+the weight as the provider reads it (packed codes + scales + zeros for quantized providers, kept values +
+meta for 2:4, the dense matrix for the dense baseline) over the median time. Measures and records; judges
+nothing.
 
 The pytest-benchmark files beside this one (test_bench_*.py) run the same cases through pytest-benchmark.
 """
@@ -29,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from almak.kernels import w4a16, w8a16
+from almak.kernels import sparse24, w4a16, w8a16
+from almak.quant.pack import pack_int4
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -39,7 +44,12 @@ GPU_M = [1, 4, 16, 64, 256, 1024]
 # Reduced CPU grid (about a minute on 2 cores): the 7B attention projection and down_proj.
 CPU_SHAPES = [(4096, 4096), (11008, 4096)]
 CPU_M = [1, 16]
-KERNELS = ("w4a16", "w8a16")
+# The 2:4 kernels: LLaMA-2-7B's projections at one decode, one small-batch and one prefill M (CPU: its two
+# CPU_SHAPES; dense fp32 11008x4096 at M = 256 took 0.32 s a call on the 2-core EPYC, measured).
+SPARSE_GPU_SHAPES = GPU_SHAPES[:3]
+SPARSE_M = [1, 16, 256]
+KERNELS = ("w4a16", "w8a16", "sparse24", "sparse24_w4")
+SPARSE_KERNELS = ("sparse24", "sparse24_w4")
 # Benchmarked schemes: the common GPTQ/AWQ int4 layout, and per-channel symmetric int8.
 W4_GROUP_SIZE = 128
 
@@ -59,7 +69,9 @@ def device_name() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def grid(device: str) -> tuple[list[tuple[int, int]], list[int]]:
+def grid(device: str, kernel: str = "w4a16") -> tuple[list[tuple[int, int]], list[int]]:
+    if kernel in SPARSE_KERNELS:
+        return (SPARSE_GPU_SHAPES, SPARSE_M) if device == "cuda" else (CPU_SHAPES, SPARSE_M)
     return (GPU_SHAPES, GPU_M) if device == "cuda" else (CPU_SHAPES, CPU_M)
 
 
@@ -73,9 +85,29 @@ def providers(kernel: str, M: int, device: str) -> list[str]:
     return names
 
 
+def random_meta(N: int, K: int, gen: torch.Generator) -> torch.Tensor:
+    """2:4 metadata with one of the 6 position pairs per group, uniformly (nibble = first | second << 2)."""
+    nibbles = torch.tensor([0 | 1 << 2, 0 | 2 << 2, 0 | 3 << 2, 1 | 2 << 2, 1 | 3 << 2, 2 | 3 << 2])
+    return pack_int4(nibbles[torch.randint(0, 6, (N, K // 4), generator=gen)])
+
+
 def make_weights(kernel: str, N: int, K: int, device: str, seed: int = 0) -> dict:
-    """Random quantized operands (codes need not come from a real W to time the kernels)."""
+    """Random quantized or 2:4 operands (codes need not come from a real W to time the kernels)."""
     gen = torch.Generator().manual_seed(seed)
+    if kernel == "sparse24":
+        return dict(
+            values=(torch.randn(N, K // 2, generator=gen) * 0.02).to(device, torch.float16),
+            meta=random_meta(N, K, gen).to(device),
+        )
+    if kernel == "sparse24_w4":
+        groups = -(-K // W4_GROUP_SIZE)
+        return dict(
+            qvalues=torch.randint(-(2**31), 2**31 - 1, (N, K // 16), generator=gen, dtype=torch.int32).to(device),
+            meta=random_meta(N, K, gen).to(device),
+            scales=(torch.rand(N, groups, generator=gen) * 0.01).to(device, torch.float16),
+            zeros=torch.full((N, groups), 8.0, dtype=torch.float16, device=device),
+            group_size=W4_GROUP_SIZE,
+        )
     if kernel == "w4a16":
         groups = -(-K // W4_GROUP_SIZE)
         return dict(
@@ -93,7 +125,22 @@ def make_weights(kernel: str, N: int, K: int, device: str, seed: int = 0) -> dic
 
 
 def weight_bytes(ops: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in (ops["qweight"], ops["scales"], ops["zeros"]) if t is not None)
+    return sum(t.numel() * t.element_size() for t in ops.values() if isinstance(t, torch.Tensor))
+
+
+def kernel_fns(kernel: str, ops: dict):
+    """``(matmul(x, path=...), dequant(dtype))`` on one kernel's operands."""
+    if kernel == "sparse24":
+        return (lambda x, **kw: sparse24.sparse24_matmul(x, ops["values"], ops["meta"], **kw),
+                lambda dtype: sparse24.decompress_24(ops["values"], ops["meta"], dtype=dtype))
+    if kernel == "sparse24_w4":
+        args = (ops["qvalues"], ops["meta"], ops["scales"], ops["zeros"], ops["group_size"])
+        return (lambda x, **kw: sparse24.sparse24_w4a16_matmul(x, *args, **kw),
+                lambda dtype: sparse24.dequantize_sparse24_w4(*args, dtype=dtype))
+    matmul = w4a16.w4a16_matmul if kernel == "w4a16" else w8a16.w8a16_matmul
+    dequant = w4a16.dequantize_w4 if kernel == "w4a16" else w8a16.dequantize_w8
+    args = (ops["qweight"], ops["scales"], ops["zeros"], ops["group_size"])
+    return (lambda x, **kw: matmul(x, *args, **kw)), (lambda dtype: dequant(*args, dtype=dtype))
 
 
 def cpu_layer(kernel: str, N: int, K: int, ops: dict):
@@ -112,22 +159,20 @@ def make_call(kernel: str, N: int, K: int, M: int, provider: str, device: str):
     act_dtype = torch.float16 if device == "cuda" else torch.float32
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(device, act_dtype)
     ops = make_weights(kernel, N, K, device)
-    matmul = w4a16.w4a16_matmul if kernel == "w4a16" else w8a16.w8a16_matmul
-    dequant = w4a16.dequantize_w4 if kernel == "w4a16" else w8a16.dequantize_w8
-    args = (ops["qweight"], ops["scales"], ops["zeros"], ops["group_size"])
+    matmul, dequant = kernel_fns(kernel, ops)
     if provider in ("torch_fp16", "torch_fp32"):
-        W = dequant(*args, dtype=act_dtype)
+        W = dequant(act_dtype)
         return (lambda: F.linear(x, W)), W.numel() * W.element_size()
     if provider == "dequant":
-        return (lambda: F.linear(x, dequant(*args, dtype=act_dtype))), weight_bytes(ops)
-    if provider == "almak" and device != "cuda":
+        return (lambda: F.linear(x, dequant(act_dtype))), weight_bytes(ops)
+    if provider == "almak" and device != "cuda" and kernel not in SPARSE_KERNELS:
         layer = cpu_layer(kernel, N, K, ops)
         return (lambda: layer(x)), weight_bytes(ops)
     if provider == "almak":
-        return (lambda: matmul(x, *args)), weight_bytes(ops)
+        return (lambda: matmul(x)), weight_bytes(ops)
     if provider == "triton":
         path = "decode" if M <= w4a16.DECODE_MAX_M else "prefill"
-        return (lambda: matmul(x, *args, path=path)), weight_bytes(ops)
+        return (lambda: matmul(x, path=path)), weight_bytes(ops)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -149,9 +194,9 @@ def median_ms(fn, device: str) -> float:
 
 def run(kernels=KERNELS, device: str | None = None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    shapes, Ms = grid(device)
     records = []
     for kernel in kernels:
+        shapes, Ms = grid(device, kernel)
         for K, N in shapes:
             for M in Ms:
                 times = {}
@@ -174,6 +219,8 @@ def run(kernels=KERNELS, device: str | None = None) -> dict:
         baseline="torch_fp16" if device == "cuda" else "torch_fp32",
         w4a16_scheme=f"int4 symmetric (zeros 8), group {W4_GROUP_SIZE}, fp16 scales",
         w8a16_scheme="int8 symmetric per output channel, fp16 scales",
+        sparse24_scheme="2:4 sparse, fp16 kept values, uniform random position pairs",
+        sparse24_w4_scheme=f"2:4 sparse, int4 symmetric kept values (zeros 8), group {W4_GROUP_SIZE}, fp16 scales",
         dense_min_m=w4a16.DENSE_MIN_M,
         results=records,
     )
@@ -181,7 +228,7 @@ def run(kernels=KERNELS, device: str | None = None) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of w4a16,w8a16")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>.json)")
     args = parser.parse_args(argv)
     if w4a16.INTERPRET:
