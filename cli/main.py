@@ -10,6 +10,10 @@ from pathlib import Path
 import click
 
 from almak.errors import AlmakError
+from almak.modeling.prune import PruneRecipe
+
+# The CLI takes its defaults from the library's recipe.
+PRUNE_DEFAULTS = PruneRecipe()
 
 
 class AlmakGroup(click.Group):
@@ -294,7 +298,9 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     """Quantize MODEL's decoder-layer projections to 4 or 8 bits and write a checkpoint.
 
     The checkpoint loads in almak (almak translate/eval DIR), in transformers with the compressed-tensors
-    package, and in vLLM. MODEL: smollm2-135m (default), a Hugging Face folder, a .gguf file, or a hub id.
+    package, and in vLLM. MODEL: smollm2-135m (default), a Hugging Face folder, a .gguf file, a hub id, or
+    a checkpoint of almak prune: its zeros are kept (GPTQ compensates around them), and 2:4 layers become
+    2:4 + int4 layers.
 
     \b
     Example:
@@ -307,10 +313,10 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
 
     from almak.eval.evaluate import check_new_output
     from almak.eval.prompts import guess_family
-    from almak.modeling.checkpoint import save_quantized
-    from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
     from almak.modeling.calibrate import decoder_layers
-    from almak.modeling.surgery import QuantizeRecipe, check_group_size, quantize_model
+    from almak.modeling.checkpoint import read_recipe, save_quantized
+    from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
+    from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, quantize_model, sparsify_
 
     recipe = QuantizeRecipe(method=method, bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order,
                             damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
@@ -323,18 +329,26 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     check_group_size(lm.model, recipe.group_size)
     family = prompt_family or guess_family(lm.ref, lm.tokenizer)
     before = weight_bytes(lm.model)
+    # A pruned source (almak prune's output): GPTQ keeps its zeros, and 2:4 layers come back 2:4 + int-N.
+    source = read_recipe(lm.ref) if Path(lm.ref).is_dir() else None
+    sparse24 = densify_(lm.model)
+    pruned = source if source and source.get("command") == "prune" else None
     start = time.perf_counter()
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with progress_bar(method, len(decoder_layers(lm.model)), unit="layer") as bar:
         summary = quantize_model(lm.model, lm.tokenizer, recipe, device=device, prompt_family=family,
-                                 progress=bar.update)
+                                 progress=bar.update, keep_zeros=bool(pruned or sparse24))
+    if sparse24:
+        sparsify_(lm.model, names=sparse24)
     seconds = time.perf_counter() - start
     fields = dataclasses.asdict(recipe)
     if method == "rtn":
         fields = {k: v for k, v in fields.items() if k in ("method", "bits", "group_size", "sym")}
     fields.update(model=lm.ref, prompt=family if method == "gptq" else None, seconds=round(seconds, 1),
                   quantized=len(summary["quantized"]), skipped=summary["skipped"])
+    if pruned or sparse24:
+        fields.update(pruned_source=pruned, sparse24_layers=len(sparse24))
     save_quantized(lm.model, lm.tokenizer, out, fields, overwrite=overwrite)
     after = weight_bytes(lm.model)
     if torch.device(device).type == "cuda":
@@ -346,13 +360,132 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
         ("model", lm.ref),
         ("method", f"{method} int{bits} {'sym' if sym else 'asym'} group {group_size}"
          + (f", act-order {act_order}, damp {damp}, {nsamples} x <={seqlen} tokens of {calib}" if method == "gptq" else "")),
-        ("layers quantized", str(len(summary["quantized"]))),
+        ("layers quantized", str(len(summary["quantized"]))
+         + (f" ({len(sparse24)} of them 2:4 + int{bits})" if sparse24 else "")
+         + ("; zeros of the pruned source kept" if pruned or sparse24 else "")),
         ("layers kept", f"{len(skipped)}" + (f" ({', '.join(skipped)})" if skipped else "") + "; lm_head and embeddings stay"),
         ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB"),
         ("time", f"{seconds:.1f} s"),
         ("peak memory", peak),
         ("written to", out_dir),
     ])
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default=PRUNE_DEFAULTS.method,
+              show_default=True, help="magnitude: |W|, no data. wanda: |W| x input norm (Sun et al. 2023). "
+                                      "sparsegpt: OBS updates on the remaining weights (Frantar & Alistarh 2023).")
+@click.option("--sparsity", type=float, default=None,
+              help=f"Unstructured: fraction of each output row to prune [default: {PRUNE_DEFAULTS.sparsity}].")
+@click.option("--pattern", default=None, help="N:M semi-structured pattern instead, e.g. 2:4 (keep 2 of every 4 "
+                                              "along the input dimension; stored compressed, runs on the 2:4 kernel).")
+@click.option("--skip", multiple=True, help="Leave layers dense: a name, a dotted fragment on whole components "
+                                            "(layers.0, self_attn, mlp.down_proj) or a glob; repeat or comma-separate.")
+@click.option("--calib", default=PRUNE_DEFAULTS.calib, show_default=True,
+              help="wanda/sparsegpt calibration: alma, alma:de-en,en-de, a JSON/JSONL translation file or a text file.")
+@click.option("--nsamples", type=click.IntRange(min=1), default=PRUNE_DEFAULTS.nsamples, show_default=True)
+@click.option("--seqlen", type=click.IntRange(min=8), default=PRUNE_DEFAULTS.seqlen, show_default=True)
+@click.option("--seed", type=int, default=PRUNE_DEFAULTS.seed, show_default=True)
+@click.option("--damp", type=float, default=PRUNE_DEFAULTS.damp, show_default=True,
+              help="sparsegpt: dampening, as a fraction of the Hessian's mean diagonal.")
+@click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
+              help="Prompt family of the calibration samples; guessed from the model name when omitted.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where each decoder layer is calibrated (the model waits on the CPU); auto: cuda if present.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Model dtype; auto is float32 on CPU and float16 on GPU.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint folder: 2:4 layers in compressed-tensors' sparse-24-bitmask layout, the rest dense.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed, damp, prompt_family, device, dtype,
+          out_dir, overwrite):
+    """Prune MODEL's decoder-layer projections to 50% (or --sparsity) or an N:M pattern; write a checkpoint.
+
+    2:4 checkpoints store the kept half of each 2:4 layer (compressed-tensors sparse-24-bitmask) and run on
+    almak's 2:4 kernel; almak quantize takes them for 2:4 + int4. Unstructured checkpoints are dense with
+    zeros. Both hold sparsity_report.json (per-layer sparsity) and almak_recipe.json.
+
+    \b
+    Examples:
+      almak prune --method sparsegpt --pattern 2:4 --skip self_attn --out smollm-24
+      almak prune --method wanda --sparsity 0.5 --out smollm-wanda50
+    """
+    import resource
+    import time
+
+    import torch
+
+    from almak.eval.evaluate import check_new_output
+    from almak.eval.prompts import guess_family
+    from almak.modeling.calibrate import decoder_layers
+    from almak.modeling.checkpoint import save_pruned
+    from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
+    from almak.modeling.prune import PruneRecipe, prune_model
+    from almak.modeling.surgery import sparsify_
+
+    if pattern and sparsity is not None:
+        raise AlmakError("give --sparsity (unstructured) or --pattern (N:M), not both")
+    recipe = PruneRecipe(method=method, sparsity=PRUNE_DEFAULTS.sparsity if sparsity is None else sparsity,
+                         pattern=pattern, skip=skip, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                         damp=damp)
+    out = Path(out_dir)
+    check_new_output(out, overwrite)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = load_model(model or DEFAULT_MODEL, device="cpu", dtype="float32" if dtype == "auto" and device == "cpu"
+                    else ("float16" if dtype == "auto" else dtype))
+    if any(not isinstance(m, torch.nn.Linear) for n, m in lm.model.named_modules()
+           if n.rsplit(".", 1)[-1] in ("q_proj", "down_proj")):
+        raise AlmakError(f"{lm.ref} is already compressed; prune a float model (then almak quantize the result)")
+    family = prompt_family or guess_family(lm.ref, lm.tokenizer)
+    before = weight_bytes(lm.model)
+    start = time.perf_counter()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with progress_bar(method, len(decoder_layers(lm.model)), unit="layer") as bar:
+        report = prune_model(lm.model, lm.tokenizer, recipe, device=device, prompt_family=family, progress=bar.update)
+    seconds = time.perf_counter() - start
+    stored_24 = sparsify_(lm.model, names=report["pruned"]) if recipe.target().n == 2 and recipe.target().m == 4 else []
+    fields = {"command": "prune", **recipe.to_json(), "model": lm.ref,
+              "prompt": None if method == "magnitude" else family, "seconds": round(seconds, 1)}
+    save_pruned(lm.model, lm.tokenizer, out, fields, report, overwrite=overwrite)
+    after = weight_bytes(lm.model)
+    if torch.device(device).type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (cuda)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (cpu max rss)"
+    what = f"{method} {recipe.target()}" + ("" if method == "magnitude" else f", {nsamples} x <={seqlen} tokens of {calib}")
+    rows = [("model", lm.ref), ("method", what),
+            ("layers pruned", f"{len(report['pruned'])}" + (f" ({len(stored_24)} stored 2:4-compressed)" if stored_24 else "")),
+            ("layers kept dense", _skipped_summary(report["skipped"])),
+            ("sparsity", f"{report['pruned_sparsity']:.1%} of the pruned layers, {report['sparsity']:.1%} of all "
+                         "projections"),
+            ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB"
+             + ("" if stored_24 else " (unstructured: stored dense)")),
+            ("time", f"{seconds:.1f} s"), ("peak memory", peak)]
+    rows += _per_layer_rows(report["layers"])
+    rows.append(("written to", out_dir))
+    print_table(rows)
+
+
+def _skipped_summary(skipped: dict[str, str]) -> str:
+    if not skipped:
+        return "0; lm_head and embeddings stay"
+    reasons: dict[str, int] = {}
+    for reason in skipped.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return f"{len(skipped)} (" + ", ".join(f"{n} by {r}" for r, n in reasons.items()) + "); lm_head and embeddings stay"
+
+
+def _per_layer_rows(layers: dict[str, float]) -> list[tuple[str, str]]:
+    """One row per decoder layer: the sparsity of each projection."""
+    by_layer: dict[str, list[str]] = {}
+    for name, value in layers.items():
+        head, _, leaf = name.rpartition(".")
+        index = head.split("layers.", 1)[-1].split(".", 1)[0]
+        by_layer.setdefault(f"layer {index}", []).append(f"{leaf.removesuffix('_proj')} {value:.0%}")
+    return list((k, " ".join(v)) for k, v in by_layer.items())
 
 
 @main.command()

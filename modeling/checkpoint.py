@@ -47,6 +47,7 @@ import torch.nn as nn
 
 from almak.errors import AlmakError
 from almak.modeling.quant_linear import QuantLinear
+from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
 from almak.modeling.surgery import set_module
 from almak.quant.pack import GROUP_SIZES, pack_int4
 
@@ -58,6 +59,10 @@ CT_FORMAT = "pack-quantized"
 # The compressed-tensors release whose pack-quantized layout this file was checked against (written into
 # quantization_config.version, as compressed-tensors itself does).
 CT_LAYOUT_VERSION = "0.20.0"
+# sparse-24-bitmask was last read by compressed-tensors 0.14 (0.15 dropped it); its layout was checked there.
+CT_SPARSE_FORMAT = "sparse-24-bitmask"
+CT_SPARSE_LAYOUT_VERSION = "0.14.0.1"
+SPARSITY_REPORT_FILE = "sparsity_report.json"
 # Bytes allowed beyond the tensors when checking free space: config, tokenizer (a Llama-3 tokenizer.json is
 # about 9 MB) and the safetensors header.
 SPACE_MARGIN = 64 * 2**20
@@ -115,15 +120,16 @@ def _quant_config(folder: Path) -> dict:
 
 
 def is_compressed_checkpoint(folder) -> bool:
-    """Whether ``folder`` is a compressed-tensors ``pack-quantized`` checkpoint (almak's or llm-compressor's).
+    """Whether ``folder`` is a compressed-tensors ``pack-quantized`` and/or ``sparse-24-bitmask`` checkpoint
+    (almak's or llm-compressor's).
 
-    Other compressed-tensors formats (fp8, W8A8, 2:4) answer False: transformers loads those itself.
+    Other compressed-tensors formats (fp8, W8A8) answer False: transformers loads those itself.
     """
     qc = _quant_config(Path(folder))
     if qc.get("quant_method") != "compressed-tensors":
         return False
     formats = {qc.get("format")} | {g.get("format") for g in (qc.get("config_groups") or {}).values()}
-    return CT_FORMAT in formats
+    return CT_FORMAT in formats or (qc.get("sparsity_config") or {}).get("format") == CT_SPARSE_FORMAT
 
 
 def is_gptq_checkpoint(folder) -> bool:
@@ -145,8 +151,12 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+def _quant_layers(model: nn.Module) -> dict[str, QuantLinear | Sparse24QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, Sparse24QuantLinear))}
+
+
+def _sparse_layers(model: nn.Module) -> dict[str, Sparse24Linear | Sparse24QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (Sparse24Linear, Sparse24QuantLinear))}
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -189,15 +199,55 @@ def ct_quantization_config(model: nn.Module, act_order: bool = False) -> dict:
         targets = ["Linear"] if len(schemes) == 1 else sorted(names)
         groups[f"group_{i}"] = {"targets": targets, "weights": _ct_weights_args(bits, g, sym, actorder),
                                 "input_activations": None, "output_activations": None, "format": CT_FORMAT}
-    # The linears left in float (lm_head, ...): QuantLinear is no nn.Linear, so these are exactly the rest.
-    ignore = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    # The linears left in float (lm_head, 2:4 float layers, ...): quantized layers are no nn.Linear.
+    ignore = sorted(name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Sparse24Linear)))
     return {"quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
             "sparsity_config": {}, "transform_config": {}, "version": CT_LAYOUT_VERSION}
 
 
-def _ct_layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of one QuantLinear (see the module docstring)."""
+def ct_sparsity_config(model: nn.Module) -> dict:
+    """compressed-tensors' ``sparsity_config`` naming the 2:4 layers of ``model`` (as 0.14 writes it)."""
+    sparse = _sparse_layers(model)
+    pruned = sum(m.out_features * m.in_features // 2 for m in sparse.values())
+    # Over every weight of the model, the compressed layers counted at their dense size.
+    total = sum(p.numel() for p in model.parameters()) + 2 * pruned
+    return {"format": CT_SPARSE_FORMAT, "global_sparsity": pruned / max(total, 1), "ignore": [],
+            "registry_requires_subclass": False, "sparsity_structure": "2:4", "targets": sorted(sparse)}
+
+
+def checkpoint_quantization_config(model: nn.Module, act_order: bool = False) -> dict | None:
+    """config.json's ``quantization_config`` for ``model``: pack-quantized groups for its quantized layers,
+    a ``sparsity_config`` for its 2:4 layers; None when it has neither (a plain float folder)."""
+    quant, sparse = _quant_layers(model), _sparse_layers(model)
+    if not quant and not sparse:
+        return None
+    if quant:
+        qc = ct_quantization_config(model, act_order)
+    else:
+        qc = {"quant_method": "compressed-tensors", "transform_config": {}, "version": CT_SPARSE_LAYOUT_VERSION}
+    if sparse:
+        qc["sparsity_config"] = ct_sparsity_config(model)
+    return qc
+
+
+def _ct_sparse_tensors(name: str, layer: Sparse24Linear) -> dict[str, torch.Tensor]:
+    """The sparse-24-bitmask tensors of one Sparse24Linear: compressed (N, K/2), bitmask, shape (2, 1)."""
+    from almak.kernels.sparse24 import to_bitmask_24
+
+    compressed, bitmask = to_bitmask_24(layer.values, layer.meta)
+    out = {f"{name}.compressed": compressed, f"{name}.bitmask": bitmask,
+           f"{name}.shape": torch.tensor([[layer.out_features], [layer.in_features]], dtype=torch.int64)}
+    if layer.bias is not None:
+        out[f"{name}.bias"] = layer.bias
+    return out
+
+
+def _ct_layer_tensors(name: str, layer: QuantLinear | Sparse24QuantLinear) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one quantized layer (see the module docstring); a 2:4 one is stored
+    with its dense codes (the pruned positions hold the zero point), as compressed-tensors does."""
+    if isinstance(layer, Sparse24QuantLinear):
+        layer = layer.to_quant_linear()
     N, K, bits = layer.out_features, layer.in_features, layer.bits
     if bits == 4:
         packed = layer.weight_packed  # already the pack-quantized int4 layout
@@ -218,7 +268,7 @@ def _ct_layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
 
 
 def _tensors_to_write(model: nn.Module) -> dict[str, torch.Tensor]:
-    layers = _quant_layers(model)
+    layers = {**_quant_layers(model), **_sparse_layers(model)}
     state = model.state_dict()
     tied_targets = set(getattr(model, "_tied_weights_keys", None) or {})
     out: dict[str, torch.Tensor] = {}
@@ -238,11 +288,14 @@ def _tensors_to_write(model: nn.Module) -> dict[str, torch.Tensor]:
             seen[alias] = key
         out[key] = t
     for name, layer in layers.items():
-        out.update(_ct_layer_tensors(name, layer))
+        if isinstance(layer, Sparse24Linear):
+            out.update(_ct_sparse_tensors(name, layer))
+        else:
+            out.update(_ct_layer_tensors(name, layer))
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def _write_config(model: nn.Module, folder: Path, quant_config: dict) -> None:
+def _write_config(model: nn.Module, folder: Path, quant_config: dict | None) -> None:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -253,7 +306,8 @@ def _write_config(model: nn.Module, folder: Path, quant_config: dict) -> None:
     config.save_pretrained(folder)
     path = folder / "config.json"
     data = json.loads(path.read_text(encoding="utf-8"))
-    data["quantization_config"] = quant_config
+    if quant_config is not None:
+        data["quantization_config"] = quant_config
     # Top-level, not inside quantization_config: loaders read that one by its schema.
     data["almak_recipe"] = RECIPE_FILE
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -265,30 +319,48 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite
     ``recipe`` (method, bits, group size, calibration set and size, damping, ...) is stored as
     ``almak_recipe.json`` with almak's version added. The folder is written beside ``out_dir`` under a
     temporary name and renamed when complete; an existing ``out_dir`` is refused unless ``overwrite``.
+    ``Sparse24QuantLinear`` layers (2:4 + int4) are written as pack-quantized too, named in a
+    ``sparsity_config``.
 
     >>> quantize_(model, QuantConfig(bits=4, group_size=64))                       # doctest: +SKIP
     >>> save_quantized(model, tok, "out/smollm-w4", {"method": "rtn", "bits": 4})  # doctest: +SKIP
     PosixPath('out/smollm-w4')
     """
-    from safetensors.torch import save_file
-
-    import almak
-
-    out = Path(out_dir).expanduser().absolute()
     layers = _quant_layers(model)
     if not layers:
         raise AlmakError("the model has no quantized (QuantLinear) layers to save; quantize it first "
                          "(almak.modeling.surgery.quantize_ or GPTQ)")
     for name, layer in layers.items():
         _check_writable(name, layer, layers)
+    return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite)
+
+
+def save_pruned(model: nn.Module, tokenizer, out_dir, recipe: dict, report: dict, overwrite: bool = False) -> Path:
+    """Write a pruned ``model``: its ``Sparse24Linear`` layers in compressed-tensors' ``sparse-24-bitmask``
+    layout (with a ``sparsity_config``), everything else dense (unstructured pruning: dense tensors with
+    zeros, no ``quantization_config``), plus ``sparsity_report.json`` (``report``: per-layer sparsity) and the
+    recipe. Same temporary-folder and ``overwrite`` rules as :func:`save_quantized`.
+    """
+    return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite, {SPARSITY_REPORT_FILE: report})
+
+
+def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite: bool,
+                      extra_json: dict[str, dict] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    import almak
+
+    out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
         raise AlmakError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
     recipe = {**recipe, "almak_version": recipe.get("almak_version", almak.__version__)}
+    texts = {}
     try:
-        recipe_text = json.dumps(recipe, indent=2, sort_keys=True, default=_json_default) + "\n"
+        for fname, obj in {RECIPE_FILE: recipe, **(extra_json or {})}.items():
+            texts[fname] = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
     except TypeError as e:
         raise AlmakError(f"the recipe cannot be written as JSON: {e}") from None
-    quant_config = ct_quantization_config(model, act_order=bool(recipe.get("act_order")))
+    quant_config = checkpoint_quantization_config(model, act_order=bool(recipe.get("act_order")))
 
     tensors = _tensors_to_write(model)
     need = sum(t.numel() * t.element_size() for t in tensors.values()) + SPACE_MARGIN
@@ -309,7 +381,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite
             tokenizer.save_pretrained(tmp)
         else:
             log.warning("no tokenizer given: %s will hold none", out)
-        (tmp / RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
+        for fname, text in texts.items():
+            (tmp / fname).write_text(text, encoding="utf-8")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -320,8 +393,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote %s: %d quantized linears, %.1f MiB of tensors", out, len(layers),
-             (need - SPACE_MARGIN) / 2**20)
+    log.info("wrote %s: %d quantized and %d 2:4 linears, %.1f MiB of tensors", out, len(_quant_layers(model)),
+             len(_sparse_layers(model)), (need - SPACE_MARGIN) / 2**20)
     return out
 
 
@@ -430,7 +503,8 @@ def _ct_scheme(qc: dict, name: str, folder: Path) -> dict:
 
 
 def _load_ct_layers(model: nn.Module, tensors: _Tensors, qc: dict, folder: Path) -> set[str]:
-    used = set()
+    sparse = _sparse_targets(model, qc)
+    used = _load_sparse24_layers(model, tensors, qc, folder)
     for key in [k for k in tensors if k.endswith(".weight_packed")]:
         name = key[: -len(".weight_packed")]
         w = _ct_scheme(qc, name, folder)
@@ -466,8 +540,59 @@ def _load_ct_layers(model: nn.Module, tensors: _Tensors, qc: dict, folder: Path)
         bias = tensors.get(f"{name}.bias") if f"{name}.bias" in tensors else None
         layer = _new_quant_linear(folder, name, linear, bits, g, sym, bias is not None, scale.dtype)
         _fill(layer, packed, scale, zero, bias)
+        if bits == 4 and K % 32 == 0 and name in sparse:
+            layer = _to_sparse_quant(layer, name, folder)
         set_module(model, name, layer)
         used |= {key, f"{name}.weight_scale", f"{name}.weight_shape", f"{name}.bias"}
+    return used
+
+
+def _sparse_targets(model: nn.Module, qc: dict) -> set[str]:
+    """Names of the linears that the checkpoint's ``sparsity_config`` declares 2:4."""
+    sc = qc.get("sparsity_config") or {}
+    if sc.get("format") != CT_SPARSE_FORMAT:
+        return set()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {n for n in names if any(_match(n, t) for t in sc.get("targets") or [])
+            and not any(_match(n, t) for t in sc.get("ignore") or [])}
+
+
+def _to_sparse_quant(layer: QuantLinear, name: str, folder: Path) -> nn.Module:
+    """A 2:4-declared int4 layer as Sparse24QuantLinear; left a QuantLinear (with a warning) if its codes are not
+    2:4 after all, since it still computes the right thing."""
+    try:
+        return Sparse24QuantLinear.from_quant_linear(layer)
+    except ValueError as e:
+        log.warning("%s: %s is declared 2:4 but its codes are not (%s); loading it as a dense int4 layer",
+                    folder, name, e)
+        return layer
+
+
+def _load_sparse24_layers(model: nn.Module, tensors: _Tensors, qc: dict, folder: Path) -> set[str]:
+    """Layers stored as sparse-24-bitmask (compressed, bitmask, shape) -> Sparse24Linear, kept compressed."""
+    from almak.kernels.sparse24 import from_bitmask_24
+
+    used = set()
+    for key in [k for k in tensors if k.endswith(".bitmask")]:
+        name = key[: -len(".bitmask")]
+        linear = _linear_at(model, name, folder)
+        N, K = linear.out_features, linear.in_features
+        missing = [f"{name}.{t}" for t in ("compressed", "shape") if f"{name}.{t}" not in tensors]
+        if missing:
+            raise AlmakError(f"{folder}: {name} has a bitmask but no {', '.join(missing)}")
+        shape = tuple(int(v) for v in tensors.get(f"{name}.shape").flatten().tolist())
+        if shape != (N, K):
+            raise AlmakError(f"{folder}: {name}.shape is {list(shape)}, the model's layer is {[N, K]}")
+        try:
+            values, meta = from_bitmask_24(tensors.get(f"{name}.compressed"), tensors.get(key), shape)
+            layer = Sparse24Linear(K, N, f"{name}.bias" in tensors, dtype=values.dtype, device="meta")
+        except ValueError as e:
+            raise AlmakError(f"{folder}: {name} cannot be loaded as 2:4: {e}") from None
+        layer.values, layer.meta = values.contiguous(), meta
+        if f"{name}.bias" in tensors:
+            layer.bias = tensors.get(f"{name}.bias").contiguous()
+        set_module(model, name, layer)
+        used |= {key, f"{name}.compressed", f"{name}.shape", f"{name}.bias"}
     return used
 
 
@@ -521,7 +646,8 @@ def _load_gptq_layers(model: nn.Module, tensors: _Tensors, qc: dict, folder: Pat
 
 
 def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch.float32):
-    """Load a compressed-tensors ``pack-quantized`` or a GPTQ checkpoint into QuantLinear layers.
+    """Load a compressed-tensors ``pack-quantized`` / ``sparse-24-bitmask`` or a GPTQ checkpoint into
+    QuantLinear, Sparse24Linear and Sparse24QuantLinear layers (never through a float copy of their weights).
 
     Returns ``(model, tokenizer)``: the model in eval mode on ``device``, its float tensors (and the layers'
     scales) in ``dtype``; the tokenizer padded on the left, as :func:`almak.modeling.load.load_model` does
@@ -548,7 +674,8 @@ def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch
     else:
         method = qc.get("quant_method")
         what = f"its quantization_config is {method!r}" if method else "it has no quantization_config"
-        raise AlmakError(f"{folder} is not a compressed-tensors pack-quantized or GPTQ checkpoint ({what}); "
+        raise AlmakError(f"{folder} is not a compressed-tensors pack-quantized / sparse-24-bitmask or GPTQ "
+                         f"checkpoint ({what}); "
                          "load float models with almak.modeling.load.load_model")
     tensors = _Tensors(folder)
     model = _skeleton(folder)
@@ -582,7 +709,6 @@ def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch
             tokenizer.pad_token = tokenizer.eos_token
     else:
         log.warning("%s holds no tokenizer; returning None for it", folder)
-    n = len(_quant_layers(model))
-    log.info("loaded %s: %d quantized linears (%s)", folder, n, "compressed-tensors"
-             if loader is _load_ct_layers else "GPTQ")
+    log.info("loaded %s: %d quantized and %d 2:4 linears (%s)", folder, len(_quant_layers(model)),
+             len(_sparse_layers(model)), "compressed-tensors" if loader is _load_ct_layers else "GPTQ")
     return model, tokenizer

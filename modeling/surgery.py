@@ -91,12 +91,14 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Callable[[str, n
     return {"quantized": done, "skipped": skipped}
 
 
-def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_fn=None, progress=None) -> dict:
+def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_fn=None, progress=None,
+                   keep_zeros: bool = False) -> dict:
     """GPTQ every decoder-layer projection, layer by layer on calibration ``samples``, in place.
 
     ``config`` is a :class:`almak.quant.gptq.GPTQConfig`; ``samples`` come from
     :func:`almak.modeling.calibrate.calibration_samples`. Returns ``{"quantized": [...], "skipped": {...}}``
-    like :func:`quantize_`; ``progress(1)`` is called per decoder layer.
+    like :func:`quantize_`; ``progress(1)`` is called per decoder layer. ``keep_zeros`` (for a pruned model)
+    keeps every weight that is exactly 0 at 0, so a 2:4 layer stays 2:4.
     """
     from almak.modeling.calibrate import decoder_layers, run_layerwise
     from almak.quant.gptq import GPTQ
@@ -118,7 +120,7 @@ def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_
             linear = layer.get_submodule(name)
             if not torch.isfinite(linear.weight).all():
                 raise AlmakError(f"model.layers.{index}.{name} has NaN or inf weights")
-            q, scales, zeros = gptq.quantize(config)
+            q, scales, zeros = gptq.quantize(config, keep_zero=(linear.weight == 0) if keep_zeros else None)
             new = QuantLinear(linear.in_features, linear.out_features, config.bits, config.group_size, config.sym,
                               linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
             new.set_quantized(q, scales, zeros)
@@ -133,6 +135,42 @@ def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_
     log.info("GPTQ-quantized %d linears to int%d %s g%d; kept lm_head", len(done), config.bits,
              "sym" if config.sym else "asym", config.group_size)
     return {"quantized": done, "skipped": skipped}
+
+
+def sparsify_(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Swap each 2:4-sparse projection (``nn.Linear`` with at most 2 non-zeros in every 4 along K, K a
+    multiple of 32) for a ``Sparse24Linear``, and each int4 ``QuantLinear`` whose codes are 2:4 for a
+    ``Sparse24QuantLinear``; ``names`` limits the candidates. Returns the names swapped; others stay as they are.
+    """
+    from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear, is_24_sparse
+
+    done = []
+    for name, module in target_linears(model):
+        if names is not None and name not in names:
+            continue
+        if isinstance(module, nn.Linear) and is_24_sparse(module.weight):
+            set_module(model, name, Sparse24Linear.from_linear(module))
+        elif isinstance(module, QuantLinear) and module.bits == 4 and module.in_features % 32 == 0:
+            try:
+                set_module(model, name, Sparse24QuantLinear.from_quant_linear(module))
+            except ValueError:
+                continue
+        else:
+            continue
+        done.append(name)
+    log.info("stored %d projections as 2:4", len(done))
+    return done
+
+
+def densify_(model: nn.Module) -> list[str]:
+    """Swap every ``Sparse24Linear`` back for the equivalent dense ``nn.Linear`` (zeros included), so that
+    algorithms that need the float weight (GPTQ) can run. Returns the names swapped."""
+    from almak.modeling.sparse_linear import Sparse24Linear
+
+    done = [n for n, m in model.named_modules() if isinstance(m, Sparse24Linear)]
+    for name in done:
+        set_module(model, name, model.get_submodule(name).to_linear())
+    return done
 
 
 @dataclass
@@ -179,9 +217,10 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
 
 
 def quantize_model(model: nn.Module, tokenizer, recipe: QuantizeRecipe, device=None, prompt_family: str = "alma",
-                   progress=None) -> dict:
+                   progress=None, keep_zeros: bool = False) -> dict:
     """Quantize ``model`` in place by ``recipe`` (RTN, or GPTQ on translation-formatted calibration data).
 
+    ``keep_zeros``: the model is pruned; GPTQ keeps its zeros (RTN always maps 0 to the zero point exactly).
     Returns the summary of :func:`quantize_` / :func:`gptq_quantize_`.
     """
     check_group_size(model, recipe.group_size)
@@ -193,4 +232,5 @@ def quantize_model(model: nn.Module, tokenizer, recipe: QuantizeRecipe, device=N
     from almak.modeling.calibrate import calibration_samples
 
     samples = calibration_samples(tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed, prompt_family)
-    return gptq_quantize_(model, samples, recipe.gptq_config(), device=device, progress=progress)
+    return gptq_quantize_(model, samples, recipe.gptq_config(), device=device, progress=progress,
+                          keep_zeros=keep_zeros)

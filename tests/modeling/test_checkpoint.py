@@ -388,5 +388,5 @@ def test_unserializable_recipe_is_refused(tiny, tmp_path):
 
 def test_float_folder_is_not_a_quantized_checkpoint(tiny_llama_dir):
     assert not is_compressed_checkpoint(tiny_llama_dir) and not is_gptq_checkpoint(tiny_llama_dir)
-    with pytest.raises(AlmakError, match="not a compressed-tensors pack-quantized or GPTQ checkpoint"):
+    with pytest.raises(AlmakError, match="not a compressed-tensors pack-quantized / sparse-24-bitmask or GPTQ"):
         load_quantized(tiny_llama_dir)
