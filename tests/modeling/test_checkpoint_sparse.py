@@ -118,7 +118,7 @@ def _ct_reads_24():
 
 
 needs_ct_24 = pytest.mark.skipif(not _ct_reads_24(), reason="compressed-tensors >= 0.15 no longer reads "
-                                 "sparse-24-bitmask (0.14 is the last that does; make test installs it in .venv-ct14)")
+                                 "sparse-24-bitmask (0.14 is the last that does; make test installs it in .venv-comet)")
 
 
 @needs_ct_24
