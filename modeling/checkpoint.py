@@ -1,4 +1,5 @@
-"""Quantized checkpoints: write compressed-tensors ``pack-quantized`` folders, read them and GPTQ folders back.
+"""Compressed checkpoints: write compressed-tensors ``pack-quantized`` and ``sparse-24-bitmask`` folders, read
+them and GPTQ folders back.
 
 >>> save_quantized(model, tokenizer, "alma-w4", recipe={"method": "gptq", "bits": 4})   # doctest: +SKIP
 >>> model, tokenizer = load_quantized("alma-w4")                                         # doctest: +SKIP
@@ -18,14 +19,29 @@ as it is; the layout was checked against compressed-tensors 0.20.0, ``compressor
     dim 0 (the output channels): (ceil(N * bits / 32), G) int32. Symmetric schemes store none (zero 0).
   - ``<name>.weight_shape``: int64 ``[N, K]``.
 
+  and, per 2:4 float linear (``Sparse24Linear``; compressed-tensors' ``sparse-24-bitmask``, whose layout was
+  checked against compressed-tensors 0.14.0.1, the last release that reads it):
+
+  - ``<name>.compressed``: (N, K / 2) the kept weights, row-major in order of position;
+  - ``<name>.bitmask``: (N, K / 8) uint8, the keep-mask (2 bits per group of 4) packed little-endian
+    (``numpy.packbits(mask, axis=-1, bitorder="little")``);
+  - ``<name>.shape``: (2, 1) int64 ``[[N], [K]]``.
+
+  A 2:4 + int4 linear (``Sparse24QuantLinear``) is written as ``pack-quantized`` with its dense codes (the
+  zero point at pruned positions), as compressed-tensors itself stores sparse quantized layers.
+
 - ``config.json`` with ``quantization_config`` (``quant_method: compressed-tensors``, ``format:
   pack-quantized``, ``quantization_status: compressed``, one ``config_groups`` entry per scheme targeting
-  ``Linear`` and ``ignore`` naming the linears left in float, such as ``lm_head``) and ``almak_recipe`` naming
-  the recipe file; ``generation_config.json``; the tokenizer files; ``almak_recipe.json``.
+  ``Linear`` and ``ignore`` naming the linears left in float, such as ``lm_head``; a ``sparsity_config`` of
+  format ``sparse-24-bitmask`` naming the 2:4 layers; a 2:4-only folder has just the latter) and
+  ``almak_recipe`` naming the recipe file; ``generation_config.json``; the tokenizer files;
+  ``almak_recipe.json``; for pruned models ``sparsity_report.json``. An unstructured pruned model is a plain
+  dense folder (no ``quantization_config``).
 
 Reading: :func:`load_quantized` builds the model with its float parameters on the meta device (buffers such
-as the rotary frequencies are computed as usual), swaps every quantized linear for a ``QuantLinear`` and
-assigns the stored tensors, so no float copy of a quantized weight is ever made. It reads the folders
+as the rotary frequencies are computed as usual), swaps every quantized linear for a ``QuantLinear`` (a
+``Sparse24QuantLinear`` where the sparsity_config declares it 2:4) and every bitmask one for a
+``Sparse24Linear``, and assigns the stored tensors, so no float copy of a compressed weight is ever made. It reads the folders
 above, those llm-compressor writes (same layout; older ones with unpacked int8 zero points too), and
 GPTQ folders as AutoGPTQ / GPTQModel publish them (see :func:`is_gptq_checkpoint`).
 """
