@@ -67,6 +67,7 @@ __all__ = [
     "sparse24_w4a16_matmul",
     "sparse24_w4a16_reference",
     "dequantize_sparse24_w4",
+    "meta_positions",
 ]
 
 # K must be a multiple of this: one int32 of meta describes 8 groups of 4 columns.
@@ -354,8 +355,14 @@ def _nibbles(words: torch.Tensor) -> torch.Tensor:
     return torch.stack((b & 0xF, b >> 4), dim=-1).view(words.shape[0], 8 * words.shape[1])
 
 
-def _positions(meta: torch.Tensor, name: str) -> torch.Tensor:
-    """meta (N, K // 32) int32 -> kept positions (N, K // 4, 2) int64, checked increasing."""
+def meta_positions(meta: torch.Tensor, name: str = "meta_positions") -> torch.Tensor:
+    """meta (N, K // 32) int32 -> kept positions (N, K // 4, 2) int64, checked increasing (ValueError,
+    prefixed with ``name``, names the first group that is not).
+
+    Example:
+        >>> meta_positions(compress_24(torch.tensor([[0.0, 1.5, 0.0, -2.0] * 8]))[1])[0, 0].tolist()
+        [1, 3]
+    """
     nib = _nibbles(meta)  # (N, K // 4): nibble g describes group g
     first, second = nib & 3, nib >> 2
     bad = first >= second
@@ -423,7 +430,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype |
     """
     name = "decompress_24"
     _check_sparse(None, values, meta, name)
-    return _expand(values, _positions(meta, name), dtype or values.dtype)
+    return _expand(values, meta_positions(meta, name), dtype or values.dtype)
 
 
 def to_bitmask_24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,7 +445,7 @@ def to_bitmask_24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tenso
     """
     name = "to_bitmask_24"
     N, K = _check_sparse(None, values, meta, name)
-    pos = _positions(meta, name)
+    pos = meta_positions(meta, name)
     mask = torch.zeros((N, K // 4, 4), device=values.device, dtype=torch.uint8)
     mask.scatter_(2, pos, 1)
     # little bitorder: column 8b + j is bit j of byte b.
@@ -572,7 +579,7 @@ def dequantize_sparse24_w4(qvalues: torch.Tensor, meta: torch.Tensor, scales: to
     """
     name = "dequantize_sparse24_w4"
     N, K, scales, zeros = _check_sparse_w4(None, qvalues, meta, scales, zeros, group_size, name)
-    pos = _positions(meta, name)
+    pos = meta_positions(meta, name)
     W = _expand(_nibbles(qvalues), pos, torch.float32)
     kept = _expand(torch.ones((N, K // 2), device=W.device, dtype=torch.bool), pos, torch.bool)
     return _apply_groups_(W, scales, zeros, group_size).masked_fill_(~kept, 0.0).to(dtype)

@@ -158,9 +158,9 @@ class Sparse24QuantLinear(nn.Module):
         # its padding slots come back as 0 and get the zero-point code (they dequantize to 0).
         surrogate = torch.where(codes != z.round(), codes + 1, torch.zeros_like(codes))
         kept, meta = compress_24(surrogate)
-        from almak.kernels.sparse24 import _positions  # noqa: PLC0415 (the kernel module's own decoder)
+        from almak.kernels.sparse24 import meta_positions
 
-        pos = _positions(meta, "Sparse24QuantLinear")
+        pos = meta_positions(meta, "Sparse24QuantLinear")
         cols = (torch.arange(layer.in_features // 4, device=pos.device) * 4).view(1, -1, 1) + pos
         z_kept = z.gather(1, cols.reshape(layer.out_features, -1))
         q = torch.where(kept > 0, kept - 1, z_kept)
@@ -171,9 +171,9 @@ class Sparse24QuantLinear(nn.Module):
 
     def dense_codes(self) -> torch.Tensor:
         """The dense int4 codes (N, K) uint8, the zero-point code at pruned positions."""
-        from almak.kernels.sparse24 import _positions
+        from almak.kernels.sparse24 import meta_positions
 
-        pos = _positions(self.meta, "Sparse24QuantLinear")
+        pos = meta_positions(self.meta, "Sparse24QuantLinear")
         codes = self._zero_codes().round()
         N, G = pos.shape[:2]
         grid = codes.view(N, G, 4)
