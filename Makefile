@@ -50,5 +50,6 @@ clean:
 # interpreter), then the kernel microbenchmarks, which write benchmarks/results/<gpu>.json. Budget: <10 min.
 gpu-check:
 	$(PYTHON) -m pip install $(PIP_QUIET) --no-deps -e .
-	TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/quant tests/modeling/test_quant_linear.py
+	TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/quant tests/sparse tests/modeling/test_quant_linear.py \
+		tests/modeling/test_sparse_linear.py
 	TRITON_INTERPRET=0 $(PYTHON) benchmarks/run_kernels.py

@@ -213,8 +213,9 @@ def child(method: str, nsamples: int, seqlen: int, limit: int) -> dict:
 # ---------------------------------------------------------------------------------------------- parent
 
 
-def run_child(method: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--nsamples", str(args.nsamples),
+def run_child(method: str, args, script: str = __file__) -> dict:
+    """Run ``script --method method`` (this benchmark's, or another's with the same options) in a child."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--method", method, "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--limit", str(args.limit)]
     print(f"== {method} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -226,8 +227,9 @@ def run_child(method: str, args) -> dict:
         raise SystemExit(f"{method}: child failed (exit {proc.returncode}); stdout tail:\n{proc.stdout[-2000:]}")
     rec = json.loads(lines[-1][len(MARK):])
     rec["process_wall_s"] = wall
-    print(f"   {method}: ppl {rec['ppl']:.4f}, quant {rec.get('quant_s', 0):.1f} s, "
-          f"peak RSS {rec['rss_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    seconds = rec.get("quant_s", rec.get("prune_s", 0))
+    print(f"   {method}: ppl {rec['ppl']:.4f}, compress {seconds:.1f} s, peak RSS {rec['rss_peak_mib']:.0f} MiB",
+          file=sys.stderr, flush=True)
     return rec
 
 

@@ -30,14 +30,13 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_vs_llmcompressor import MARK, MODEL, RESULTS_DIR, TESTSET, device_name, perplexity, rss_mib, versions  # noqa: E402
+from gptq_vs_llmcompressor import (MARK, MODEL, RESULTS_DIR, TESTSET, device_name, perplexity,  # noqa: E402
+                                   rss_mib, run_child, versions)
 
 # almak's 2:4 recipe for the embedded model: attention, down projections and the first and last decoder layers
 # stay dense. Chosen by hand on the same perplexity (200 de-en sentences, 2026-11-25, fp32 CPU, SparseGPT 2:4,
@@ -129,23 +128,6 @@ def child(name: str, nsamples: int, seqlen: int, limit: int) -> dict:
     return rec
 
 
-def run_child(name: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--method", name, "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--limit", str(args.limit)]
-    print(f"== {name} ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cwd:  # llm-compressor may write logs into the working directory
-        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{name}: child failed (exit {proc.returncode}); stdout tail:\n{proc.stdout[-2000:]}")
-    rec = json.loads(lines[-1][len(MARK):])
-    rec["process_wall_s"] = time.perf_counter() - t0
-    print(f"   {name}: ppl {rec['ppl']:.3f}, prune {rec.get('prune_s', 0):.1f} s, sparsity "
-          f"{rec['projection_sparsity']:.3f}, peak RSS {rec['rss_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
-    return rec
-
-
 def table(res: dict) -> str:
     f = res.get("float", {}).get("ppl")
     head = f"{'method':<24} {'calib':<11} {'sparsity':>8} {'2:4':>4} {'ppl':>9} {'x float':>8} {'prune s':>8} {'RSS peak':>9}"
@@ -176,7 +158,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown methods: {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     device = device_name()
     started = datetime.datetime.now(datetime.timezone.utc)
-    res = {m: run_child(m, args) for m in methods}
+    res = {m: run_child(m, args, __file__) for m in methods}
     ratios = {}
     for name, r in res.items():
         if name.startswith("almak-") and name.replace("almak-", "llmc-") in res:

@@ -71,6 +71,46 @@ def model_options(f):
     return f
 
 
+def calibration_options(f):
+    """--prompt, --device and --dtype of the commands that calibrate layer by layer (quantize, prune)."""
+    f = click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                     help="Model dtype (quantization scales are stored in it); auto is float32 on CPU and "
+                          "float16 on GPU.")(f)
+    f = click.option("--device", default="auto", show_default=True,
+                     help="Where each decoder layer is calibrated (the model waits on the CPU); auto: cuda if "
+                          "present.")(f)
+    f = click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
+                     help="Prompt family of the calibration samples; guessed from the model name when omitted.")(f)
+    return f
+
+
+def load_for_calibration(model, device: str, dtype: str):
+    """(loaded model on the CPU, calibration device, prompt family) for quantize and prune."""
+    import torch
+
+    from almak.modeling.load import DEFAULT_MODEL, load_model
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "float16"
+    lm = load_model(model or DEFAULT_MODEL, device="cpu", dtype=dtype)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return lm, device
+
+
+def peak_memory(device: str) -> str:
+    import resource
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (cuda)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (cpu max rss)"
+
+
 def generation_options(f):
     from almak.eval.generate import GenerationConfig
 
@@ -284,12 +324,7 @@ def _metric_rows(report: dict) -> list[tuple[str, str]]:
 @click.option("--seqlen", type=click.IntRange(min=8), default=512, show_default=True,
               help="GPTQ: tokens per calibration sample at most.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
-@click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
-              help="Prompt family of the calibration samples; guessed from the model name when omitted.")
-@click.option("--device", default="auto", show_default=True,
-              help="Where each decoder layer is calibrated (the model waits on the CPU); auto: cuda if present.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              help="Model dtype; auto is float32 on CPU and float16 on GPU. Scales are stored in it.")
+@calibration_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Checkpoint folder (safetensors, compressed-tensors pack-quantized layout).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
@@ -306,26 +341,20 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     Example:
       almak quantize --method gptq --bits 4 --group-size 64 --asym --out smollm-w4g64
     """
-    import resource
     import time
-
-    import torch
 
     from almak.eval.evaluate import check_new_output
     from almak.eval.prompts import guess_family
     from almak.modeling.calibrate import decoder_layers
     from almak.modeling.checkpoint import read_recipe, save_quantized
-    from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
+    from almak.modeling.load import weight_bytes
     from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, quantize_model, sparsify_
 
     recipe = QuantizeRecipe(method=method, bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order,
                             damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     out = Path(out_dir)
     check_new_output(out, overwrite)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = load_model(model or DEFAULT_MODEL, device="cpu", dtype="float32" if dtype == "auto" and device == "cpu"
-                    else ("float16" if dtype == "auto" else dtype))
+    lm, device = load_for_calibration(model, device, dtype)
     check_group_size(lm.model, recipe.group_size)
     family = prompt_family or guess_family(lm.ref, lm.tokenizer)
     before = weight_bytes(lm.model)
@@ -334,13 +363,11 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     sparse24 = densify_(lm.model)
     pruned = source if source and source.get("command") == "prune" else None
     start = time.perf_counter()
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     with progress_bar(method, len(decoder_layers(lm.model)), unit="layer") as bar:
         summary = quantize_model(lm.model, lm.tokenizer, recipe, device=device, prompt_family=family,
                                  progress=bar.update, keep_zeros=bool(pruned or sparse24))
-    if sparse24:
-        sparsify_(lm.model, names=sparse24)
+    # int4 layers that were 2:4 become 2:4 + int4 (int8 ones stay dense-coded, their zeros kept).
+    sparse24_quant = sparsify_(lm.model, names=sparse24) if sparse24 else []
     seconds = time.perf_counter() - start
     fields = dataclasses.asdict(recipe)
     if method == "rtn":
@@ -348,20 +375,17 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     fields.update(model=lm.ref, prompt=family if method == "gptq" else None, seconds=round(seconds, 1),
                   quantized=len(summary["quantized"]), skipped=summary["skipped"])
     if pruned or sparse24:
-        fields.update(pruned_source=pruned, sparse24_layers=len(sparse24))
+        fields.update(pruned_source=pruned, sparse24_layers=len(sparse24_quant))
     save_quantized(lm.model, lm.tokenizer, out, fields, overwrite=overwrite)
     after = weight_bytes(lm.model)
-    if torch.device(device).type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (cuda)"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (cpu max rss)"
+    peak = peak_memory(device)
     skipped = summary["skipped"]
     print_table([
         ("model", lm.ref),
         ("method", f"{method} int{bits} {'sym' if sym else 'asym'} group {group_size}"
          + (f", act-order {act_order}, damp {damp}, {nsamples} x <={seqlen} tokens of {calib}" if method == "gptq" else "")),
         ("layers quantized", str(len(summary["quantized"]))
-         + (f" ({len(sparse24)} of them 2:4 + int{bits})" if sparse24 else "")
+         + (f" ({len(sparse24_quant)} of them 2:4 + int4)" if sparse24_quant else "")
          + ("; zeros of the pruned source kept" if pruned or sparse24 else "")),
         ("layers kept", f"{len(skipped)}" + (f" ({', '.join(skipped)})" if skipped else "") + "; lm_head and embeddings stay"),
         ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB"),
@@ -389,12 +413,7 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
 @click.option("--seed", type=int, default=PRUNE_DEFAULTS.seed, show_default=True)
 @click.option("--damp", type=float, default=PRUNE_DEFAULTS.damp, show_default=True,
               help="sparsegpt: dampening, as a fraction of the Hessian's mean diagonal.")
-@click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
-              help="Prompt family of the calibration samples; guessed from the model name when omitted.")
-@click.option("--device", default="auto", show_default=True,
-              help="Where each decoder layer is calibrated (the model waits on the CPU); auto: cuda if present.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              help="Model dtype; auto is float32 on CPU and float16 on GPU.")
+@calibration_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Checkpoint folder: 2:4 layers in compressed-tensors' sparse-24-bitmask layout, the rest dense.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
@@ -411,7 +430,6 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
       almak prune --method sparsegpt --pattern 2:4 --skip self_attn --out smollm-24
       almak prune --method wanda --sparsity 0.5 --out smollm-wanda50
     """
-    import resource
     import time
 
     import torch
@@ -420,7 +438,7 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
     from almak.eval.prompts import guess_family
     from almak.modeling.calibrate import decoder_layers
     from almak.modeling.checkpoint import save_pruned
-    from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
+    from almak.modeling.load import weight_bytes
     from almak.modeling.prune import PruneRecipe, prune_model
     from almak.modeling.surgery import sparsify_
 
@@ -431,18 +449,13 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
                          damp=damp)
     out = Path(out_dir)
     check_new_output(out, overwrite)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = load_model(model or DEFAULT_MODEL, device="cpu", dtype="float32" if dtype == "auto" and device == "cpu"
-                    else ("float16" if dtype == "auto" else dtype))
+    lm, device = load_for_calibration(model, device, dtype)
     if any(not isinstance(m, torch.nn.Linear) for n, m in lm.model.named_modules()
            if n.rsplit(".", 1)[-1] in ("q_proj", "down_proj")):
         raise AlmakError(f"{lm.ref} is already compressed; prune a float model (then almak quantize the result)")
     family = prompt_family or guess_family(lm.ref, lm.tokenizer)
     before = weight_bytes(lm.model)
     start = time.perf_counter()
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     with progress_bar(method, len(decoder_layers(lm.model)), unit="layer") as bar:
         report = prune_model(lm.model, lm.tokenizer, recipe, device=device, prompt_family=family, progress=bar.update)
     seconds = time.perf_counter() - start
@@ -451,10 +464,7 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
               "prompt": None if method == "magnitude" else family, "seconds": round(seconds, 1)}
     save_pruned(lm.model, lm.tokenizer, out, fields, report, overwrite=overwrite)
     after = weight_bytes(lm.model)
-    if torch.device(device).type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (cuda)"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (cpu max rss)"
+    peak = peak_memory(device)
     what = f"{method} {recipe.target()}" + ("" if method == "magnitude" else f", {nsamples} x <={seqlen} tokens of {calib}")
     rows = [("model", lm.ref), ("method", what),
             ("layers pruned", f"{len(report['pruned'])}" + (f" ({len(stored_24)} stored 2:4-compressed)" if stored_24 else "")),
