@@ -1,6 +1,6 @@
 """Microbenchmarks of the weight-only matmuls on the current device; writes benchmarks/results/<device>.json.
 
-    python benchmarks/run_kernels.py                  # every kernel, the device's whole grid
+    python benchmarks/run_kernels.py                  # every kernel (CPU: the quantized ones), the device's grid
     python benchmarks/run_kernels.py --kernels w4a16 --out /tmp/w4.json
     python benchmarks/run_kernels.py --kernels sparse24,sparse24_w4
 
@@ -8,8 +8,9 @@ GPU: LLaMA-2-7B/13B projection shapes at M in {1, 4, 16, 64, 256, 1024}, fp16 ac
 torch fp16 (cuBLAS on the dense weight). CPU: ``almak`` is QuantLinear's CPU path (PyTorch's native
 weight-only kernels, which round x to bf16) on two 7B shapes at M in {1, 16}, fp32 activations, against
 dense fp32. The 2:4 sparse kernels (``sparse24``: fp16 kept values; ``sparse24_w4``: int4 kept values) run on
-LLaMA-2-7B shapes at M in {1, 16, 256}; their ``dequant`` provider is decompress + matmul, and on CPU their
-``almak`` is the auto path, which is that same decompress + matmul. Each record holds the median time, the
+LLaMA-2-7B shapes at M in {1, 16, 256}; their ``dequant`` provider is decompress + matmul. On the CPU they run
+only when asked (``--kernels sparse24``): their ``almak`` there is the auto path, that same decompress + matmul
+on every call, whereas almak's 2:4 layers expand the weight once and run the dense matmul. Each record holds the median time, the
 speedup over that dense baseline and over dequantize + matmul, and the achieved weight bandwidth: bytes of
 the weight as the provider reads it (packed codes + scales + zeros for quantized providers, kept values +
 meta for 2:4, the dense matrix for the dense baseline) over the median time. Measures and records; judges
@@ -228,12 +229,15 @@ def run(kernels=KERNELS, device: str | None = None) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
+    parser.add_argument("--kernels", default=None,
+                        help=f"comma-separated subset of {','.join(KERNELS)} (default: all on a GPU; on the CPU "
+                             "the quantized ones only, since almak's 2:4 layers run a dense matmul there)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>.json)")
     args = parser.parse_args(argv)
     if w4a16.INTERPRET:
         parser.error("unset TRITON_INTERPRET: the benchmarks time real kernels, not the interpreter")
-    kernels = [k for k in args.kernels.split(",") if k]
+    default = KERNELS if torch.cuda.is_available() else tuple(k for k in KERNELS if k not in SPARSE_KERNELS)
+    kernels = [k for k in (args.kernels or ",".join(default)).split(",") if k]
     if unknown := set(kernels) - set(KERNELS):
         parser.error(f"unknown kernels {sorted(unknown)}; choose from {KERNELS}")
     report = run(kernels)
