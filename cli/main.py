@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -477,6 +478,99 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
     rows += _per_layer_rows(report["layers"])
     rows.append(("written to", out_dir))
     print_table(rows)
+
+
+@main.command()
+@click.argument("models", nargs=-1)
+@click.option("--batch-sizes", default="1,4,16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Prompt tokens per sequence (random ids, no padding).")
+@click.option("--gen-len", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens generated per sequence (greedy, no stopping).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Measurements per (model, batch size); the median is reported.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...; auto: cuda if present.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Activation dtype; auto is float32 on CPU and float16 on GPU.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for bench.json and decode_speedup.png (written when complete).")
+@click.option("--no-plot", is_flag=True, help="Write bench.json only (the plot needs matplotlib).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, out_dir, no_plot, overwrite):
+    """Measure MODELS side by side: prefill and decode tokens/s, latency per token, memory, weight bytes.
+
+    MODELS are any model references (default: smollm2-135m), for example a float model and its almak
+    quantize / prune checkpoints. All are loaded, then measured in turn at each batch size, repeatedly, so
+    that machine noise hits them alike; speedups are against the first model.
+
+    \b
+    Example:
+      almak bench smollm2-135m smollm-w8 smollm-w4g64 --batch-sizes 1,4 --gen-len 64 --out runs/bench
+    """
+    import datetime
+    import importlib.util
+    import platform
+    import shutil
+    import tempfile
+
+    import torch
+
+    from almak.eval.bench import BenchConfig, plot_decode_speedup, run_bench, summarize
+    from almak.eval.evaluate import check_new_output
+    from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise AlmakError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
+    config = BenchConfig(batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats)
+    out = Path(out_dir) if out_dir else None
+    if out:
+        check_new_output(out, overwrite)
+    if not no_plot and out and importlib.util.find_spec("matplotlib") is None:
+        raise AlmakError("the plot needs matplotlib: pip install 'almak[bench]', or pass --no-plot")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded, info = {}, {}
+    for ref in models or (DEFAULT_MODEL,):
+        lm = load_model(ref, device=device, dtype=dtype)
+        name = Path(ref).name or ref
+        while name in loaded:
+            name += "'"
+        loaded[name] = lm.model
+        info[name] = {"ref": lm.ref, "weight_bytes": weight_bytes(lm.model)}
+    total = len(loaded) * len(sizes) * repeats
+    with progress_bar("bench", total, unit="run") as bar:
+        records = run_bench(loaded, config, progress=bar.update)
+    baseline = next(iter(loaded))
+    summarize(records, baseline)
+    rows = []
+    for r in records:
+        mem = f", peak {r['peak_mib']:.0f} MiB" if "peak_mib" in r else ""
+        rows.append((f"{r['model']} b={r['batch']}",
+                     f"prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s "
+                     f"({r['ms_per_token']:.1f} ms/step, {r['decode_speedup']:.2f}x {baseline}){mem}"))
+    rows += [(f"{n} weights", f"{d['weight_bytes'] / 2**20:.1f} MiB") for n, d in info.items()]
+    print_table(rows, title=f"{device}, {prompt_len} prompt + {gen_len} generated tokens, median of {repeats}")
+    if out is None:
+        return
+    doc = {"benchmark": "almak bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "config": dataclasses.asdict(config), "models": info, "baseline": baseline, "results": records}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        (tmp / "bench.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        if not no_plot:
+            plot_decode_speedup(records, baseline, tmp / "decode_speedup.png")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    click.echo(f"wrote {out}", err=True)
 
 
 def _skipped_summary(skipped: dict[str, str]) -> str:

@@ -1,0 +1,147 @@
+"""End-to-end speed of whole models, side by side: prefill and decode tokens/s, latency, memory, weight bytes.
+
+>>> records = run_bench({"fp32": float_model, "w4": w4_model}, BenchConfig(batch_sizes=(1, 4)))  # doctest: +SKIP
+
+Each measurement feeds a batch of ``prompt_len`` random token ids through the model once (prefill), then
+runs ``gen_len - 1`` greedy decode steps of one token per sequence on the model's KV cache (decode); no
+padding, no stopping, so every variant does exactly the same work. Measurements are interleaved (for each
+repeat, for each batch size, every model in turn) so that machine noise hits all models alike, and each
+number is the median over ``repeats``. The decode loop is transformers' forward with its dynamic cache: it
+times the model and its layers, not a generation engine.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from almak.errors import AlmakError
+
+__all__ = ["BenchConfig", "run_bench", "bench_once", "summarize"]
+
+
+@dataclass
+class BenchConfig:
+    """What ``almak bench`` measures: batch sizes, prompt and generated lengths, repeats."""
+
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    prompt_len: int = 128
+    gen_len: int = 128
+    repeats: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise AlmakError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if self.prompt_len < 1 or self.gen_len < 2:
+            raise AlmakError(f"need prompt length >= 1 and generated length >= 2, got {self.prompt_len} and "
+                             f"{self.gen_len}")
+        if self.repeats < 1:
+            raise AlmakError(f"repeats must be at least 1, got {self.repeats}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_name() -> str:
+    """transformers 5 names the KV cache argument and output ``cache``; 4.x names them ``past_key_values``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@torch.inference_mode()
+def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict:
+    """One prefill + greedy decode measurement; returns seconds and tokens/s."""
+    device = next(model.parameters()).device
+    cache = _cache_name()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    past, token = getattr(out, cache), out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(gen_len - 1):
+        out = model(input_ids=token, use_cache=True, **{cache: past})
+        past, token = getattr(out, cache), out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    t2 = time.perf_counter()
+    steps = gen_len - 1
+    rec = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
+           "prefill_tok_s": batch * prompt_len / (t1 - t0), "decode_tok_s": batch * steps / (t2 - t1),
+           "ms_per_token": (t2 - t1) / steps * 1000}
+    if device.type == "cuda":
+        rec["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return rec
+
+
+def run_bench(models: dict[str, torch.nn.Module], config: BenchConfig,
+              progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Measure every model at every batch size, interleaved; one record per (model, batch) with medians."""
+    if not models:
+        raise AlmakError("no models to benchmark")
+    for model in models.values():  # warm-up: first-call allocations and caches
+        bench_once(model, 1, min(8, config.prompt_len), 2, config.seed)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(config.repeats):
+        for batch in config.batch_sizes:
+            for name, model in models.items():
+                runs.setdefault((name, batch), []).append(
+                    bench_once(model, batch, config.prompt_len, config.gen_len, config.seed))
+                if progress:
+                    progress(1)
+    records = []
+    for (name, batch), rs in runs.items():
+        rec = {"model": name, "batch": batch}
+        for key in rs[0]:
+            rec[key] = statistics.median(r[key] for r in rs)
+        records.append(rec)
+    return records
+
+
+def summarize(records: list[dict], baseline: str) -> list[dict]:
+    """Add each record's decode and prefill speedup over ``baseline`` at the same batch size."""
+    base = {r["batch"]: r for r in records if r["model"] == baseline}
+    for r in records:
+        b = base.get(r["batch"])
+        if b:
+            r["decode_speedup"] = r["decode_tok_s"] / b["decode_tok_s"]
+            r["prefill_speedup"] = r["prefill_tok_s"] / b["prefill_tok_s"]
+    return records
+
+
+def plot_decode_speedup(records: list[dict], baseline: str, path) -> None:
+    """PNG: decode speedup over ``baseline`` against batch size, one line per model."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AlmakError("plots need matplotlib: pip install 'almak[bench]' (or pass --no-plot)") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["model"] for r in records):
+        rs = sorted((r for r in records if r["model"] == name), key=lambda r: r["batch"])
+        ax.plot([r["batch"] for r in rs], [r.get("decode_speedup", float("nan")) for r in rs], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    batches = sorted({r["batch"] for r in records})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"decode tokens/s vs {baseline}")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""`almak bench` on a tiny random LLaMA and its int4 checkpoint: the table, bench.json, the plot, refusals."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from almak.cli.main import main
+
+FAST = ["--batch-sizes", "1,2", "--prompt-len", "6", "--gen-len", "3", "--repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def w4_dir(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "w4"
+    result = CliRunner().invoke(main, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--group-size", "32",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_bench_two_models_writes_json(tiny_llama_dir, w4_dir, tmp_path):
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), str(w4_dir), *FAST, "--out", str(out),
+                                       "--no-plot"])
+    assert result.exit_code == 0, result.output
+    assert "w4 b=2" in result.output and "x tiny-llama0" in result.output and "w4 weights" in result.output
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["baseline"] == "tiny-llama0" and doc["config"]["batch_sizes"] == [1, 2]
+    assert {(r["model"], r["batch"]) for r in doc["results"]} == {("tiny-llama0", 1), ("tiny-llama0", 2),
+                                                                   ("w4", 1), ("w4", 2)}
+    assert doc["models"]["w4"]["weight_bytes"] < doc["models"]["tiny-llama0"]["weight_bytes"]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json"]
+
+
+def test_bench_plot(tiny_llama_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), *FAST, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "decode_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-sizes", "1,x"], "--batch-sizes takes comma-separated integers"),
+    (["--batch-sizes", "0"], "batch sizes must be positive"),
+    (["--gen-len", "1"], "1 is not in the range x>=2"),
+])
+def test_bad_input(tiny_llama_dir, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), *args, "--out", str(tmp_path / "b")])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused(tiny_llama_dir, tmp_path):
+    (tmp_path / "b").mkdir()
+    result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), *FAST, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "pass --overwrite" in result.output

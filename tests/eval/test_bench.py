@@ -1,0 +1,47 @@
+"""eval.bench: every (model, batch) measured, interleaved, and summarized against the baseline."""
+import pytest
+import torch
+
+from almak.errors import AlmakError
+from almak.eval.bench import BenchConfig, run_bench, summarize
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from almak.modeling.load import load_model
+
+    return load_model(str(tiny_llama_dir), device="cpu", dtype="float32").model
+
+
+def test_run_bench_measures_every_model_and_batch(tiny):
+    calls = []
+
+    class Counting(torch.nn.Module):  # the same model, counting how often it is called
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = tiny, tiny.config
+
+        def forward(self, **kw):
+            calls.append(kw["input_ids"].shape)
+            return self.inner(**kw)
+
+    config = BenchConfig(batch_sizes=(1, 3), prompt_len=5, gen_len=4, repeats=2)
+    records = summarize(run_bench({"a": tiny, "b": Counting()}, config), baseline="a")
+    assert [(r["model"], r["batch"]) for r in records] == [("a", 1), ("b", 1), ("a", 3), ("b", 3)]
+    for r in records:
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ms_per_token"] > 0
+    assert all(r["decode_speedup"] == 1.0 for r in records if r["model"] == "a")
+    # b: one warm-up (1 prefill + 1 step) then, per repeat and batch size, 1 prefill + gen_len - 1 steps.
+    assert len(calls) == 2 + 2 * 2 * 4
+    assert calls[2] == (1, 5) and calls[3] == (1, 1)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(batch_sizes=()), "batch sizes must be positive"),
+    (dict(batch_sizes=(0,)), "batch sizes must be positive"),
+    (dict(gen_len=1), "generated length >= 2"),
+    (dict(repeats=0), "repeats must be at least 1"),
+])
+def test_config_refusals(kw, message):
+    with pytest.raises(AlmakError, match=message):
+        BenchConfig(**kw)
