@@ -65,11 +65,10 @@ MARK = "@@RESULT@@ "
 
 
 def device_name() -> str:
-    """The results file's device id, as benchmarks/run_kernels.py names it (this folder is no package)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_kernels import device_name as kernels_device_name
+    """The results file's device id, as every almak benchmark names it."""
+    from almak.eval.bench import device_name as almak_device_name
 
-    return kernels_device_name()
+    return almak_device_name()
 
 
 def versions() -> dict:

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -34,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from almak.eval.bench import device_name
 from almak.kernels import sparse24, w4a16, w8a16
 from almak.quant.pack import pack_int4
 
@@ -53,21 +51,6 @@ KERNELS = ("w4a16", "w8a16", "sparse24", "sparse24_w4")
 SPARSE_KERNELS = ("sparse24", "sparse24_w4")
 # Benchmarked schemes: the common GPTQ/AWQ int4 layout, and per-channel symmetric int8.
 W4_GROUP_SIZE = 128
-
-
-def device_name() -> str:
-    """File-name-safe device id: the GPU's name, or the CPU model and core count."""
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"cpu {name} {os.cpu_count()}cores"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def grid(device: str, kernel: str = "w4a16") -> tuple[list[tuple[int, int]], list[int]]:

@@ -509,13 +509,12 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, out_
     """
     import datetime
     import importlib.util
-    import platform
     import shutil
     import tempfile
 
     import torch
 
-    from almak.eval.bench import BenchConfig, plot_decode_speedup, run_bench, summarize
+    from almak.eval.bench import BenchConfig, device_name, plot_decode_speedup, run_bench, summarize
     from almak.eval.evaluate import check_new_output
     from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 
@@ -555,7 +554,7 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, out_
     if out is None:
         return
     doc = {"benchmark": "almak bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+           "device": device_name(device),
            "torch": torch.__version__, "threads": torch.get_num_threads(),
            "config": dataclasses.asdict(config), "models": info, "baseline": baseline, "results": records}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

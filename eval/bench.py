@@ -11,6 +11,9 @@ times the model and its layers, not a generation engine.
 """
 from __future__ import annotations
 
+import os
+import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,7 +23,23 @@ import torch
 
 from almak.errors import AlmakError
 
-__all__ = ["BenchConfig", "run_bench", "bench_once", "summarize"]
+__all__ = ["BenchConfig", "run_bench", "bench_once", "summarize", "device_name"]
+
+
+def device_name(device: str | None = None) -> str:
+    """File-name-safe device id: the GPU's name, or the CPU model and core count (``cpu-amd-epyc-2cores``)."""
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if use_cuda:
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"cpu {name} {os.cpu_count()}cores"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 @dataclass
