@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from almak.errors import AlmakError
+from almak.eval.bench import SHAPES as BENCH_SHAPES
 from almak.modeling.prune import PruneRecipe
 
 # The CLI takes its defaults from the library's recipe.
@@ -494,9 +495,14 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
               help="Activation dtype; auto is float32 on CPU and float16 on GPU.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Folder for bench.json and decode_speedup.png (written when complete).")
+@click.option("--shape", type=click.Choice(list(BENCH_SHAPES)),
+              help="Benchmark a random-weight LLaMA with these exact dimensions instead; MODELS are then variants "
+                   "of it: float, int8 (per channel), int4 (group 128), quantized at load (default: all three).")
+@click.option("--layers", type=click.IntRange(min=1), help="With --shape: keep only this many decoder layers.")
 @click.option("--no-plot", is_flag=True, help="Write bench.json only (the plot needs matplotlib).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, out_dir, no_plot, overwrite):
+def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shape, layers, out_dir, no_plot,
+          overwrite):
     """Measure MODELS side by side: prefill and decode tokens/s, latency per token, memory, weight bytes.
 
     MODELS are any model references (default: smollm2-135m), for example a float model and its almak
@@ -504,8 +510,9 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, out_
     that machine noise hits them alike; speedups are against the first model.
 
     \b
-    Example:
+    Examples:
       almak bench smollm2-135m smollm-w8 smollm-w4g64 --batch-sizes 1,4 --gen-len 64 --out runs/bench
+      almak bench --shape alma-7b float int4 --batch-sizes 1,16 --device cuda
     """
     import datetime
     import importlib.util
@@ -514,7 +521,7 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, out_
 
     import torch
 
-    from almak.eval.bench import BenchConfig, device_name, plot_decode_speedup, run_bench, summarize
+    from almak.eval.bench import BenchConfig, device_name, plot_decode_speedup, random_model, run_bench, summarize
     from almak.eval.evaluate import check_new_output
     from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 
@@ -530,8 +537,25 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, out_
         raise AlmakError("the plot needs matplotlib: pip install 'almak[bench]', or pass --no-plot")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if layers and not shape:
+        raise AlmakError("--layers goes with --shape")
     loaded, info = {}, {}
-    for ref in models or (DEFAULT_MODEL,):
+    if shape:
+        from almak.modeling.load import resolve_dtype
+        from almak.modeling.surgery import QuantConfig, quantize_
+
+        variants = {"float": None, "int8": QuantConfig(bits=8, group_size=-1), "int4": QuantConfig(bits=4)}
+        unknown = [m for m in models if m not in variants]
+        if unknown:
+            raise AlmakError(f"with --shape, MODELS are variants of it ({', '.join(variants)}), not {', '.join(unknown)}")
+        for name in dict.fromkeys(models or variants):
+            model = random_model(shape, resolve_dtype(dtype, device), device, layers)  # same seed: same weights
+            if variants[name]:
+                quantize_(model, variants[name])
+            loaded[name] = model
+            info[name] = {"ref": f"random {shape}" + (f" ({layers} layers)" if layers else ""),
+                          "weight_bytes": weight_bytes(model)}
+    for ref in () if shape else (models or (DEFAULT_MODEL,)):
         lm = load_model(ref, device=device, dtype=dtype)
         name = Path(ref).name or ref
         while name in loaded:

@@ -23,7 +23,36 @@ import torch
 
 from almak.errors import AlmakError
 
-__all__ = ["BenchConfig", "run_bench", "bench_once", "summarize", "device_name"]
+__all__ = ["BenchConfig", "run_bench", "bench_once", "summarize", "device_name", "SHAPES", "random_model"]
+
+# LLaMA-2 shapes of ALMA-7B / ALMA-13B (their config.json), for speed runs where the weights cannot be had.
+SHAPES = {
+    "alma-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "alma-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                     num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+}
+
+
+def random_model(shape: str, dtype: torch.dtype, device: str, layers: int | None = None, seed: int = 0):
+    """A LlamaForCausalLM with ``shape``'s exact dimensions and random weights (std 0.02), built on ``device``.
+
+    ``layers`` keeps only that many decoder layers (a quick run of the same layer shapes).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape not in SHAPES:
+        raise AlmakError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    dims = dict(SHAPES[shape])
+    if layers is not None:
+        if not 1 <= layers <= dims["num_hidden_layers"]:
+            raise AlmakError(f"--layers must be between 1 and {dims['num_hidden_layers']} for {shape}, got {layers}")
+        dims["num_hidden_layers"] = layers
+    config = LlamaConfig(**dims, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
 
 
 def device_name(device: str | None = None) -> str:

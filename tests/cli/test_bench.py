@@ -55,3 +55,20 @@ def test_existing_output_refused(tiny_llama_dir, tmp_path):
     (tmp_path / "b").mkdir()
     result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), *FAST, "--out", str(tmp_path / "b")])
     assert result.exit_code == 1 and "pass --overwrite" in result.output
+
+
+def test_shape_variant(tmp_path):
+    """A one-layer random model with ALMA-7B's dimensions, quantized to int4 at load."""
+    result = CliRunner().invoke(main, ["bench", "--shape", "alma-7b", "--layers", "1", "int4", "--batch-sizes", "1",
+                                       "--prompt-len", "4", "--gen-len", "2", "--repeats", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "int4 b=1" in result.output and "int4 weights" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "1"], "--layers goes with --shape"),
+    (["--shape", "alma-7b", "smollm2-135m"], "MODELS are variants of it (float, int8, int4)"),
+])
+def test_shape_refusals(args, message):
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 1 and message in result.output, result.output

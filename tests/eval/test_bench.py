@@ -45,3 +45,14 @@ def test_run_bench_measures_every_model_and_batch(tiny):
 def test_config_refusals(kw, message):
     with pytest.raises(AlmakError, match=message):
         BenchConfig(**kw)
+
+
+@pytest.mark.parametrize("shape, params", [("alma-7b", 6_738_415_616), ("alma-13b", 13_015_864_320)])
+def test_random_model_has_alma_shapes(shape, params):
+    from almak.eval.bench import random_model
+
+    model = random_model(shape, torch.float16, "meta")  # shapes only, nothing allocated
+    assert sum(p.numel() for p in model.parameters()) == params  # LLaMA-2-7B / 13B
+    assert len(random_model(shape, torch.float16, "meta", layers=2).model.layers) == 2
+    with pytest.raises(AlmakError, match="--layers must be between 1 and"):
+        random_model(shape, torch.float16, "meta", layers=99)
