@@ -46,10 +46,14 @@ bench-kernels: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) $(COMET_VENV) *.egg-info .pytest_cache
 
-# On a GPU machine that already has torch and triton: the kernel/quant/modeling tests on the real GPU (no
-# interpreter), then the kernel microbenchmarks, which write benchmarks/results/<gpu>.json. Budget: <10 min.
+# On a GPU machine that already has torch and triton: the kernel/quant/sparse/modeling tests on the real GPU (no
+# interpreter), the kernel microbenchmarks (benchmarks/results/<gpu>.json), then almak bench on a random-weight
+# ALMA-7B in fp16, int8 and int4 (benchmarks/results/bench-alma-7b-<gpu>/). Budget: <10 min.
 gpu-check:
 	$(PYTHON) -m pip install $(PIP_QUIET) --no-deps -e .
 	TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/quant tests/sparse tests/modeling/test_quant_linear.py \
 		tests/modeling/test_sparse_linear.py
 	TRITON_INTERPRET=0 $(PYTHON) benchmarks/run_kernels.py
+	TRITON_INTERPRET=0 $(PYTHON) -m almak.cli.main bench --shape alma-7b float int8 int4 --batch-sizes 1,4,16 \
+		--prompt-len 128 --gen-len 128 --device cuda --overwrite \
+		--out benchmarks/results/bench-alma-7b-$$($(PYTHON) -c 'from almak.eval.bench import device_name; print(device_name())')
