@@ -499,10 +499,13 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
               help="Benchmark a random-weight LLaMA with these exact dimensions instead; MODELS are then variants "
                    "of it: float, int8 (per channel), int4 (group 128), quantized at load (default: all three).")
 @click.option("--layers", type=click.IntRange(min=1), help="With --shape: keep only this many decoder layers.")
-@click.option("--no-plot", is_flag=True, help="Write bench.json only (the plot needs matplotlib).")
+@click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="An almak eval report.json (repeatable): adds quality_vs_bytes.png, perplexity (or chrF) against "
+                   "weight bytes, labelled by the report's folder.")
+@click.option("--no-plot", is_flag=True, help="Write bench.json only (the plots need matplotlib).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shape, layers, out_dir, no_plot,
-          overwrite):
+def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shape, layers, reports, out_dir,
+          no_plot, overwrite):
     """Measure MODELS side by side: prefill and decode tokens/s, latency per token, memory, weight bytes.
 
     MODELS are any model references (default: smollm2-135m), for example a float model and its almak
@@ -521,7 +524,8 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
 
     import torch
 
-    from almak.eval.bench import BenchConfig, device_name, plot_decode_speedup, random_model, run_bench, summarize
+    from almak.eval.bench import (BenchConfig, device_name, plot_decode_speedup, plot_quality, quality_metric,
+                                  random_model, run_bench, summarize)
     from almak.eval.evaluate import check_new_output
     from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 
@@ -533,6 +537,16 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
     out = Path(out_dir) if out_dir else None
     if out:
         check_new_output(out, overwrite)
+    quality = {}
+    for path in reports:
+        try:
+            quality[Path(path).resolve().parent.name] = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AlmakError(f"{path} is not an almak eval report.json: {e}") from None
+    if quality and (no_plot or not out):
+        raise AlmakError("--report makes a plot: give --out, without --no-plot")
+    if quality:
+        quality_metric(quality)
     if not no_plot and out and importlib.util.find_spec("matplotlib") is None:
         raise AlmakError("the plot needs matplotlib: pip install 'almak[bench]', or pass --no-plot")
     if device == "auto":
@@ -587,6 +601,11 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
         (tmp / "bench.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         if not no_plot:
             plot_decode_speedup(records, baseline, tmp / "decode_speedup.png")
+        if quality:
+            plot_quality(quality, tmp / "quality_vs_bytes.png")
+            doc["quality"] = {name: {k: r.get(k) for k in ("model", "testset", "n", "ppl", "chrf", "bleu",
+                                                          "weight_bytes")} for name, r in quality.items()}
+            (tmp / "bench.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -169,8 +169,7 @@ def summarize(records: list[dict], baseline: str) -> list[dict]:
     return records
 
 
-def plot_decode_speedup(records: list[dict], baseline: str, path) -> None:
-    """PNG: decode speedup over ``baseline`` against batch size, one line per model."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -178,6 +177,38 @@ def plot_decode_speedup(records: list[dict], baseline: str, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise AlmakError("plots need matplotlib: pip install 'almak[bench]' (or pass --no-plot)") from None
+    return plt
+
+
+def quality_metric(reports: dict[str, dict]) -> str:
+    """The metric the ``almak eval`` reports all have: ``ppl`` (preferred) or ``chrf``; AlmakError otherwise."""
+    for metric in ("ppl", "chrf"):
+        if all(r.get(metric) is not None and r.get("weight_bytes") for r in reports.values()):
+            return metric
+    raise AlmakError("every --report needs weight_bytes and one metric they all have (ppl, or else chrf); "
+                     "make them with almak eval --out DIR (--metrics nll gives ppl)")
+
+
+def plot_quality(reports: dict[str, dict], path) -> None:
+    """PNG: each ``almak eval`` report's quality against its weight bytes (reference perplexity, or chrF)."""
+    metric = quality_metric(reports)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in reports.items():
+        x, y = r["weight_bytes"] / 2**20, r[metric]
+        ax.scatter([x], [y])
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("weight MiB")
+    ax.set_ylabel("reference perplexity (lower is better)" if metric == "ppl" else "chrF (higher is better)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_decode_speedup(records: list[dict], baseline: str, path) -> None:
+    """PNG: decode speedup over ``baseline`` against batch size, one line per model."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["model"] for r in records):
         rs = sorted((r for r in records if r["model"] == name), key=lambda r: r["batch"])

@@ -72,3 +72,30 @@ def test_shape_variant(tmp_path):
 def test_shape_refusals(args, message):
     result = CliRunner().invoke(main, ["bench", *args])
     assert result.exit_code == 1 and message in result.output, result.output
+
+
+def _report(folder, **fields):
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps(fields))
+    return str(folder / "report.json")
+
+
+def test_quality_plot_from_eval_reports(tiny_llama_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    a = _report(tmp_path / "fp32", model="m", ppl=31.2, weight_bytes=500 * 2**20)
+    b = _report(tmp_path / "w4", model="m-w4", ppl=35.0, weight_bytes=170 * 2**20)
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), *FAST, "--report", a, "--report", b,
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "quality_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "bench.json").read_text())["quality"]["w4"]["ppl"] == 35.0
+
+
+def test_reports_without_a_shared_metric_are_refused_before_measuring(tiny_llama_dir, tmp_path):
+    a = _report(tmp_path / "x", ppl=31.2, weight_bytes=1)
+    b = _report(tmp_path / "y", bleu=3.0, weight_bytes=1)
+    result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), *FAST, "--report", a, "--report", b,
+                                       "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "one metric they all have" in result.output, result.output
+    assert not (tmp_path / "b").exists()
