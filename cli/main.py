@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -519,14 +518,12 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
     """
     import datetime
     import importlib.util
-    import shutil
-    import tempfile
 
     import torch
 
     from almak.eval.bench import (BenchConfig, device_name, plot_decode_speedup, plot_quality, quality_metric,
                                   random_model, run_bench, summarize)
-    from almak.eval.evaluate import check_new_output
+    from almak.eval.evaluate import check_new_output, write_dir_atomic
     from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 
     try:
@@ -595,23 +592,18 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
            "device": device_name(device),
            "torch": torch.__version__, "threads": torch.get_num_threads(),
            "config": dataclasses.asdict(config), "models": info, "baseline": baseline, "results": records}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    if quality:
+        doc["quality"] = {name: {k: r.get(k) for k in ("model", "testset", "n", "ppl", "chrf", "bleu", "weight_bytes")}
+                          for name, r in quality.items()}
+
+    def fill(tmp: Path) -> None:
         (tmp / "bench.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         if not no_plot:
             plot_decode_speedup(records, baseline, tmp / "decode_speedup.png")
         if quality:
             plot_quality(quality, tmp / "quality_vs_bytes.png")
-            doc["quality"] = {name: {k: r.get(k) for k in ("model", "testset", "n", "ppl", "chrf", "bleu",
-                                                          "weight_bytes")} for name, r in quality.items()}
-            (tmp / "bench.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(out, fill)
     click.echo(f"wrote {out}", err=True)
 
 

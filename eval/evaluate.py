@@ -132,18 +132,28 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_eval_dir(out: Path, report: dict, hyps: list[str], overwrite: bool) -> None:
-    """``out/hyps.txt`` and ``out/report.json``, written into a temporary folder renamed at the end."""
-    check_new_output(out, overwrite)
+def write_dir_atomic(out: Path, fill: Callable[[Path], None]) -> None:
+    """Let ``fill`` write the files of ``out`` into a temporary folder beside it, then rename that folder to
+    ``out`` (replacing what is there); on any error the temporary folder goes and ``out`` is untouched."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        if hyps:
-            (tmp / "hyps.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        fill(tmp)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_eval_dir(out: Path, report: dict, hyps: list[str], overwrite: bool) -> None:
+    """``out/hyps.txt`` and ``out/report.json``, written into a temporary folder renamed at the end."""
+    check_new_output(out, overwrite)
+
+    def fill(tmp: Path) -> None:
+        if hyps:
+            (tmp / "hyps.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    write_dir_atomic(out, fill)
