@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from almak.modeling.quant_linear import QuantLinear, check_quant_args
 from almak.quant.pack import pack_int4, unpack_int4
+from almak.sparse import check_nm
 
 __all__ = ["Sparse24Linear", "Sparse24QuantLinear", "is_24_sparse"]
 
@@ -32,8 +33,7 @@ __all__ = ["Sparse24Linear", "Sparse24QuantLinear", "is_24_sparse"]
 def is_24_sparse(W: torch.Tensor) -> bool:
     """Whether every group of 4 consecutive weights along each row of ``W`` has at most 2 non-zeros and K is
     a multiple of 32 (what the sparse kernels take)."""
-    N, K = W.shape
-    return K % 32 == 0 and bool(((W.reshape(N, K // 4, 4) != 0).sum(-1) <= 2).all())
+    return W.shape[1] % 32 == 0 and check_nm(W, 2, 4)
 
 
 class Sparse24Linear(nn.Module):
