@@ -1,0 +1,155 @@
+"""A LLaMA-family forward pass over a preallocated (static) KV cache, for almak's generation loop.
+
+The model's own modules do the work (embeddings, norms, rotary embedding, the q/k/v/o and MLP
+projections, whatever surgery put there: QuantLinear, Sparse24Linear), so results match transformers'
+forward; what this file replaces is the per-step machinery around them: the cache is one buffer per layer
+allocated once, written in place, and read as a view of its filled part; rows that finish are dropped by
+moving the live rows to the front of the buffers (``keep``), beams are reordered the same way, and new
+prompts join as rows free up (``add``), so a batch stays full while its sentences finish at different times.
+
+>>> dec = Decoder(model, batch=2, max_len=300)                      # doctest: +SKIP
+>>> logits = dec.add([[1, 2, 3], [4, 5]])                           # (2, vocab): next-token logits
+>>> logits = dec.step(logits.argmax(-1))                            # (2, vocab)
+
+Every row keeps its tokens in key slots ``0..length`` and its positions count from 0, as transformers'
+generate numbers left-padded rows; slots past a row's length are masked out of attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from almak.errors import AlmakError
+
+SUPPORTED = ("llama", "mistral")
+
+
+def check_supported(model) -> None:
+    """Refuse models whose layers this forward pass does not reproduce, naming the way out."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    hint = "use --engine hf (transformers' generate) for it"
+    if kind not in SUPPORTED:
+        raise AlmakError(f"almak's generation loop runs LLaMA-family models ({', '.join(SUPPORTED)}), "
+                         f"not {kind!r}; {hint}")
+    window = getattr(config, "sliding_window", None)
+    if window is not None:
+        raise AlmakError(f"this model uses sliding-window attention (window {window}), which almak's "
+                         f"generation loop does not implement; {hint}")
+    gen = getattr(model, "generation_config", None)
+    changes = {name: getattr(gen, name, None) for name in ("repetition_penalty", "no_repeat_ngram_size",
+                                                           "bad_words_ids", "suppress_tokens")}
+    changes = {k: v for k, v in changes.items() if v not in (None, 1.0, 0, [])}
+    if changes:
+        raise AlmakError(f"the model's generation_config sets {changes}, which almak's generation loop "
+                         f"does not apply; {hint}")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Decoder:
+    """Runs ``model`` (a LlamaForCausalLM or MistralForCausalLM) over up to ``batch`` rows of ``max_len`` tokens.
+
+    Each row holds its own sequence from key slot 0 on, with its own length; rows ``[0, rows)`` are live.
+    """
+
+    def __init__(self, model, batch: int, max_len: int):
+        check_supported(model)
+        self.model = model
+        self.layers = model.model.layers
+        config = model.config
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and max_len > limit:
+            raise AlmakError(f"prompt plus new tokens need {max_len} positions; the model has {limit}")
+        self.device = next(model.parameters()).device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        shape = (batch, self.n_kv, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.batch, self.max_len = batch, max_len
+        self.rows = 0
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)  # filled slots per row
+        self.slots = torch.arange(max_len, device=self.device)
+
+    def add(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Append rows holding ``prompts`` (token ids); returns each one's next-token logits, (n, vocab).
+
+        The prompts are right-padded into one forward pass; the padding is written to the cache but
+        never attended to, since a row's keys end at its length.
+        """
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        if self.rows + n > self.batch or longest >= self.max_len:
+            raise AlmakError(f"{n} prompts of up to {longest} tokens do not fit the cache "
+                             f"({self.batch - self.rows} free rows of {self.max_len} slots)")
+        ids = torch.zeros(n, longest, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        first = self.rows
+        self.rows += n
+        self.lengths[first : self.rows] = lengths
+        positions = self.slots[:longest].expand(n, longest)
+        allowed = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
+        logits = self._forward(ids.to(self.device), positions, allowed[None, None], first, start=0,
+                               last=lengths - 1)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token to every live row; returns the next-token logits, (rows, vocab)."""
+        rows = self.rows
+        positions = self.lengths[:rows].clone()
+        if int(positions.max()) >= self.max_len:
+            raise AlmakError(f"the KV cache is full ({self.max_len} positions)")
+        self.lengths[:rows] += 1
+        end = int(positions.max()) + 1
+        allowed = (self.slots[:end] <= positions[:, None])[:, None, None]
+        return self._forward(tokens.view(rows, 1), positions[:, None], allowed, 0, start=positions, last=None)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` (in that order, repeats allowed: beam reordering), dropping the rest."""
+        index = index.to(self.device)
+        n = index.numel()
+        filled = int(self.lengths[index].max()) if n else 0
+        for buf in (*self.k, *self.v):
+            buf[:n, :, :filled] = buf[index, :, :filled]
+        self.lengths[:n] = self.lengths[index]
+        self.rows = n
+
+    def _forward(self, input_ids, positions, allowed, first: int, start, last) -> torch.Tensor:
+        """Run rows ``first..first+len(input_ids)``; ``start`` is slot 0 (prefill) or each row's slot (step)."""
+        inner = self.model.model
+        rows, q_len = input_ids.shape
+        x = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        live = slice(first, first + rows)
+        end = q_len if last is not None else allowed.shape[-1]
+        row_ids = torch.arange(first, first + rows, device=self.device)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(rows, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(rows, q_len, self.n_kv, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(rows, q_len, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if last is not None:  # prefill: the rows' slots 0..q_len
+                self.k[i][live, :, :q_len] = k
+                self.v[i][live, :, :q_len] = v
+            else:  # one token a row, each at its own slot
+                self.k[i][row_ids, :, start] = k[:, :, 0]
+                self.v[i][row_ids, :, start] = v[:, :, 0]
+            out = F.scaled_dot_product_attention(
+                q, self.k[i][live, :, :end], self.v[i][live, :, :end], attn_mask=allowed,
+                scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads,
+            )
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, q_len, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x[torch.arange(rows, device=self.device), last] if last is not None else x[:, -1]
+        return self.model.lm_head(inner.norm(x)).float()

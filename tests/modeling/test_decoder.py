@@ -1,0 +1,101 @@
+"""The static-cache forward pass against transformers' forward: prompts of mixed lengths, steps, dropped,
+reordered and added rows, compressed layers, and the architectures it refuses."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from almak.errors import AlmakError
+from almak.modeling.decoder import Decoder, check_supported
+
+# fp32 on the CPU: the same math in another order (SDPA over a masked static cache vs transformers'
+# dynamic cache) agrees to ~1e-5 on logits of size ~10; 1e-4 leaves room for other CPUs' kernels.
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def tiny(kind: str, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    dims = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    dims.update(overrides)
+    torch.manual_seed(0)
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**dims, sliding_window=None)).eval()
+    return LlamaForCausalLM(LlamaConfig(**dims)).eval()
+
+
+def reference(model, sequences: list[list[int]]) -> torch.Tensor:
+    """transformers' next-token logits for each whole sequence, run alone (no padding at all)."""
+    with torch.no_grad():
+        return torch.cat([model(torch.tensor([s])).logits[:, -1] for s in sequences])
+
+
+@pytest.mark.parametrize("kind, overrides", [
+    ("llama", {}),  # GQA, as the embedded model
+    ("llama", dict(num_key_value_heads=4)),  # MHA, as LLaMA-2 / ALMA
+    ("llama", dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=32))),  # Llama-3 / LLaMAX3 rope
+    ("mistral", {}),
+])
+def test_matches_transformers_through_add_step_keep(kind, overrides):
+    model = tiny(kind, **overrides)
+    seqs = [[5, 7, 9, 11, 13, 2, 3], [4, 8], [6, 6, 6, 1]]
+    dec = Decoder(model, batch=4, max_len=40)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.add(seqs), reference(model, seqs), **TOL)
+        for token in (17, 19, 23):  # three steps, every row its own length
+            seqs = [s + [token] for s in seqs]
+            torch.testing.assert_close(dec.step(torch.tensor([token] * 3)), reference(model, seqs), **TOL)
+        dec.keep(torch.tensor([2, 0, 0]))  # drop row 1, duplicate row 0 (a beam reorder)
+        seqs = [seqs[2], seqs[0], seqs[0]]
+        seqs = [s + [t] for s, t in zip(seqs, (29, 31, 37))]
+        torch.testing.assert_close(dec.step(torch.tensor([29, 31, 37])), reference(model, seqs), **TOL)
+        new = [[9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 8]]  # a row joins, longer than the others
+        torch.testing.assert_close(dec.add(new), reference(model, new), **TOL)
+        seqs = [s + [41] for s in seqs + new]
+        torch.testing.assert_close(dec.step(torch.tensor([41] * 4)), reference(model, seqs), **TOL)
+
+
+def test_runs_quantized_layers(tiny_llama_dir):
+    from transformers import LlamaForCausalLM
+
+    from almak.modeling.surgery import QuantConfig, quantize_
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    quantize_(model, QuantConfig(bits=4, group_size=32))
+    seqs = [[1, 2, 3, 4, 5], [6, 7]]
+    dec = Decoder(copy.deepcopy(model), batch=2, max_len=16)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.add(seqs), reference(model, seqs), **TOL)
+        seqs = [s + [9] for s in seqs]
+        torch.testing.assert_close(dec.step(torch.tensor([9, 9])), reference(model, seqs), **TOL)
+
+
+def test_refuses_what_it_cannot_hold():
+    model = tiny("llama")
+    with pytest.raises(AlmakError, match="the model has 128"):
+        Decoder(model, batch=1, max_len=129)
+    dec = Decoder(model, batch=1, max_len=4)
+    with pytest.raises(AlmakError, match="do not fit the cache"):
+        dec.add([[1, 2, 3, 4]])
+    with torch.no_grad():
+        dec.add([[1, 2, 3]])
+        dec.step(torch.tensor([4]))
+        with pytest.raises(AlmakError, match="KV cache is full"):
+            dec.step(torch.tensor([5]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(config=SimpleNamespace(model_type="gpt2")), "not 'gpt2'"),
+    (dict(config=SimpleNamespace(model_type="mistral", sliding_window=4096)), "sliding-window"),
+    (dict(generation_config=SimpleNamespace(repetition_penalty=1.2)), "repetition_penalty"),
+])
+def test_refusals_name_the_hf_engine(change, message):
+    model = SimpleNamespace(config=SimpleNamespace(model_type="llama"), generation_config=SimpleNamespace())
+    for k, v in change.items():
+        setattr(model, k, v)
+    with pytest.raises(AlmakError, match=message) as err:
+        check_supported(model)
+    assert "--engine hf" in str(err.value)
