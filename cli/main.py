@@ -113,7 +113,7 @@ def peak_memory(device: str) -> str:
 
 
 def generation_options(f):
-    from almak.eval.generate import GenerationConfig
+    from almak.eval.generate import ENGINES, GenerationConfig
 
     d = GenerationConfig()
     f = click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
@@ -122,6 +122,10 @@ def generation_options(f):
                      show_default=True, help="Generation budget per sentence.")(f)
     f = click.option("--num-beams", type=click.IntRange(min=1), default=d.num_beams, show_default=True,
                      help="Beam size (5 as ALMA evaluates; 1 is greedy).")(f)
+    f = click.option("--engine", type=click.Choice(list(ENGINES)), default=d.engine, show_default=True,
+                     help="almak: almak's own loop (preallocated KV cache; finished sentences hand their "
+                          "batch row to the next; LLaMA-family models). hf: transformers' generate, for "
+                          "comparison or other architectures.")(f)
     return f
 
 
@@ -178,7 +182,7 @@ def fmt(x, digits=2) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 @generation_options
 def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, input_path, output_path, overwrite,
-              num_beams, max_new_tokens, batch_size):
+              num_beams, max_new_tokens, batch_size, engine):
     """Translate lines from SRC to TGT with MODEL, one output line per input line.
 
     MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
@@ -206,7 +210,8 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
             raise AlmakError("no input lines on stdin")
     else:
         lines = read_lines(input_path, "input file")
-    gen = GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gen = GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           engine=engine)
     lm, family = load(model, device, dtype, prompt_family, quant_config(quant, group_size))
     with progress_bar("translate", len(lines)) as bar:
         result = run_translate(lm.model, lm.tokenizer, lines, Prompt(family, src, tgt), gen, bar.update)
@@ -236,7 +241,7 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
               help="json prints the whole report as one JSON object on stdout.")
 @generation_options
 def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, lang_pair, limit, metrics, comet_model, out_dir,
-             overwrite, fmt_, num_beams, max_new_tokens, batch_size):
+             overwrite, fmt_, num_beams, max_new_tokens, batch_size, engine):
     """Translate a test set with MODEL and score it: BLEU, chrF, COMET, reference perplexity, speed, size.
 
     MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
@@ -252,7 +257,8 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, la
 
     config = EvalConfig(
         metrics=tuple(parse_metrics(metrics)), comet_model=comet_model,
-        generation=GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size),
+        generation=GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    engine=engine),
     )
     ts = load_testset(testset, lang_pair).head(limit)
     if out_dir:

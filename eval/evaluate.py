@@ -90,6 +90,7 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
         "prompt": config.prompt,
         "num_beams": config.generation.num_beams,
         "max_new_tokens": config.generation.max_new_tokens,
+        "engine": config.generation.engine,
     }
     hyps: list[str] = []
     if set(config.metrics) - {"nll"}:
