@@ -11,6 +11,7 @@ Formats read by :func:`load_testset`:
 """
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ from almak.eval.prompts import parse_lang_pair
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 WMT22_PAIRS = ("de-en", "en-de", "ru-en", "en-ru", "zh-en", "en-zh")
+# ALMA's human-written parallel data (data/alma, gzip-compressed JSON lines): every xx-en file serves both
+# directions. is-en has no valid split in ALMA's release.
+ALMA_LANGS = ("cs", "de", "is", "ru", "zh")
+ALMA_DIRECTIONS = tuple(d for xx in ALMA_LANGS for d in (f"{xx}-en", f"en-{xx}"))
 
 
 @dataclass
@@ -70,8 +75,9 @@ def read_lines(path: str | Path, what: str = "file") -> list[str]:
 
 
 def read_json_records(path: Path) -> list[dict]:
-    """A JSON array or JSON lines file as a list of objects."""
-    text = path.read_text(encoding="utf-8")
+    """A JSON array or JSON lines file (gzip-compressed when named ``*.gz``) as a list of objects."""
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
     if not text.strip():
         raise AlmakError(f"test set {str(path)!r} is empty")
     try:
@@ -146,4 +152,29 @@ def calibration_pairs(pairs: tuple[str, ...] = ("cs", "de", "is", "ru", "zh")) -
     for xx in pairs:
         records = read_json_records(DATA_DIR / "calib" / f"train.{xx}-en.jsonl")
         out[xx] = [(r["translation"][xx], r["translation"]["en"]) for r in records]
+    return out
+
+
+def alma_parallel(directions: list[tuple[str, str]], split: str = "train") -> dict[tuple[str, str], TestSet | None]:
+    """ALMA's bundled human-written pairs of each direction (``split`` is ``train`` or ``valid``).
+
+    ``train`` is what ALMA fine-tunes on in its second stage (WMT'17-'20 test sets, and FLORES-200 dev +
+    devtest as the last 2009 lines of each file). A direction without that split (is-en has no ``valid``) maps
+    to None; a direction ALMA does not cover is an AlmakError.
+
+    >>> alma_parallel([("en", "de")])[("en", "de")].sources[0][:21]
+    '28-Year-Old Chef Foun'
+    """
+    out = {}
+    for src, tgt in directions:
+        xx = tgt if src == "en" else src
+        if f"{src}-{tgt}" not in ALMA_DIRECTIONS:
+            raise AlmakError(f"no bundled ALMA pairs for {src}-{tgt}; bundled: {', '.join(ALMA_DIRECTIONS)}")
+        path = DATA_DIR / "alma" / f"{split}.{xx}-en.jsonl.gz"
+        if not path.is_file():
+            out[(src, tgt)] = None
+            continue
+        records = read_json_records(path)
+        out[(src, tgt)] = TestSet(f"alma-{split}:{src}-{tgt}", src, tgt, [r["translation"][src] for r in records],
+                                  [r["translation"][tgt] for r in records])
     return out

@@ -101,39 +101,48 @@ class NLL:
         return math.exp(self.mean)
 
 
+def teacher_forcing_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int | None):
+    """(input_ids, attention_mask, labels) of (prompt ids, target ids) pairs, right-padded so that positions start
+    at 0 in every row; labels are -100 on the prompt and the padding, the target ids elsewhere."""
+    pad = pad_id if pad_id is not None else 0
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, (p, c) in enumerate(seqs):
+        n = len(p) + len(c)
+        ids[row, :n] = torch.tensor(p + c)
+        attn[row, :n] = 1
+        labels[row, len(p) : n] = torch.tensor(c, dtype=torch.long)
+    return ids, attn, labels
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed NLL (fp32) of the labelled tokens, each predicted from the position before it, and their count."""
+    target = labels[:, 1:].to(logits.device)
+    mask = target != -100
+    return F.cross_entropy(logits[:, :-1][mask].float(), target[mask], reduction="sum"), int(mask.sum())
+
+
 @torch.inference_mode()
 def reference_nll(model, tokenizer, sources: list[str], refs: list[str], prompt: Prompt,
                   batch_size: int = 8, progress: Callable[[int], None] | None = None) -> NLL:
     """NLL of each reference given its prompt; the prompt's tokens are not scored.
 
-    Prompt and continuation are tokenized separately and concatenated, so the scored tokens are
-    exactly the reference's (``prompt.continuation(ref)``), whatever the tokenizer merges.
+    Prompt and continuation are tokenized separately and concatenated (:meth:`Prompt.encode_many`), so the scored
+    tokens are exactly the reference's (``prompt.continuation(ref)``), whatever the tokenizer merges. What
+    ends the answer (ALMA's newline, EOS) is not scored.
     """
     device = next(model.parameters()).device
-    add_special = not prompt.uses_chat_template
-    seqs = []
-    for src, ref in zip(sources, refs):
-        p = tokenizer(prompt.build(src, tokenizer), add_special_tokens=add_special)["input_ids"]
-        c = tokenizer(prompt.continuation(ref), add_special_tokens=False)["input_ids"]
-        seqs.append((p, c))
+    seqs = prompt.encode_many(sources, refs, tokenizer)
     total, count = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for b in range(0, len(seqs), batch_size):
         batch = seqs[b : b + batch_size]
-        width = max(len(p) + len(c) for p, c in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for row, (p, c) in enumerate(batch):  # right padding: positions start at 0 for every row
-            n = len(p) + len(c)
-            ids[row, :n] = torch.tensor(p + c)
-            attn[row, :n] = 1
-            labels[row, len(p) : n] = torch.tensor(c)
+        ids, attn, labels = teacher_forcing_batch(batch, tokenizer.pad_token_id)
         logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-        target = labels[:, 1:].to(device)
-        mask = target != -100
-        total += float(F.cross_entropy(logits[:, :-1][mask].float(), target[mask], reduction="sum"))
-        count += int(mask.sum())
+        nll, n = target_nll(logits, labels)
+        total += float(nll)
+        count += n
         if progress:
             progress(len(batch))
     if count == 0:

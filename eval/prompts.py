@@ -101,6 +101,38 @@ class Prompt:
         """The text that follows the prompt when the model writes ``reference`` (for teacher forcing)."""
         return reference if self.uses_chat_template else " " + reference
 
+    def encode(self, text: str, reference: str, tokenizer, terminate: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of the prompt for ``text`` and of ``reference`` after it; see :meth:`encode_many`.
+
+        >>> p, t = Prompt("alma", "de", "en").encode("Hallo", "Hello", tok, terminate=True)  # doctest: +SKIP
+        >>> tok.decode(t)                                                                      # doctest: +SKIP
+        ' Hello\\n'
+        """
+        return self.encode_many([text], [reference], tokenizer, terminate)[0]
+
+    def encode_many(self, texts: list[str], references: list[str], tokenizer,
+                    terminate: bool = False) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, target ids) of each source and reference: what teacher forcing scores (reference
+        perplexity) and trains on (``almak finetune``), in one place.
+
+        The two parts are tokenized apart, so the target tokens are exactly the reference's whatever the
+        tokenizer would merge across the boundary. ``terminate`` appends what ends an answer, for a model to
+        learn to stop: a newline for ``alma`` (its output is the first line after the target label), the
+        tokenizer's EOS for the others (a chat turn and an Alpaca response end there).
+        """
+        if not texts:
+            return []
+        newline = terminate and self.family == "alma"
+        if terminate and not newline and tokenizer.eos_token_id is None:
+            raise AlmakError(f"prompt family {self.family!r} ends answers with EOS, but the tokenizer has none")
+        prompts = tokenizer([self.build(t, tokenizer) for t in texts],
+                            add_special_tokens=not self.uses_chat_template)["input_ids"]
+        targets = tokenizer([self.continuation(r) + ("\n" if newline else "") for r in references],
+                            add_special_tokens=False)["input_ids"]
+        if terminate and not newline:
+            targets = [t + [tokenizer.eos_token_id] for t in targets]
+        return list(zip(prompts, targets))
+
     def postprocess(self, generated: str) -> str:
         return first_nonempty_line(generated)
 

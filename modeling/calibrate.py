@@ -82,10 +82,8 @@ def calibration_samples(tokenizer, calib: str = "alma", nsamples: int = 128, seq
     for i in range(nsamples):  # one prompt + reference per sample, as the model sees them at test time
         bucket = by_dir[order[i % len(order)]]
         src, tgt, s, t = bucket[(i // len(order)) % len(bucket)]
-        prompt = Prompt(prompt_family, src, tgt)
-        ids = tokenizer(prompt.build(s, tokenizer), add_special_tokens=not prompt.uses_chat_template)["input_ids"]
-        ids += tokenizer(prompt.continuation(t), add_special_tokens=False)["input_ids"]
-        samples.append(torch.tensor([ids[:seqlen]]))
+        prompt_ids, target_ids = Prompt(prompt_family, src, tgt).encode(s, t, tokenizer)
+        samples.append(torch.tensor([(prompt_ids + target_ids)[:seqlen]]))
     return samples
 
 
