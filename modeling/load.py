@@ -10,6 +10,8 @@ A reference is one of:
   other compressed-tensors ``pack-quantized`` or GPTQ (AutoGPTQ/GPTQModel) checkpoints, which load
   straight into QuantLinear layers;
 - a ``.gguf`` file;
+- a peft LoRA adapter folder (``adapter_config.json``, as ``almak finetune`` writes): its base model (any of
+  these references) with the adapter merged in;
 - a hub id such as ``haoranxu/ALMA-7B``, loaded where the hub can be reached.
 """
 from __future__ import annotations
@@ -155,6 +157,8 @@ def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto")
     elif path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _plain_model_from_gguf(path)
         return _finish(LoadedModel(model, tokenizer, ref, str(path)), dev, torch_dtype)
+    elif path.is_dir() and (path / "adapter_config.json").is_file():
+        return _finish(_load_adapter(path, ref, device, dtype), dev, torch_dtype)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise AlmakError(f"{ref!r} is a folder without config.json, not a Hugging Face model folder")
@@ -196,6 +200,33 @@ def _load_folder(source: str, **kwargs) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     return LoadedModel(model, tokenizer, source, source)
+
+
+def _load_adapter(path: Path, ref: str, device: str, dtype: str) -> LoadedModel:
+    """A peft adapter folder (almak finetune's LoRA output): its base model, itself any model reference, with
+    the adapter merged into the weights."""
+    import json
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise AlmakError(f"{ref!r} is a LoRA adapter; loading it needs peft: pip install 'almak[train]'") from None
+    base_ref = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base_ref:
+        raise AlmakError(f"{ref!r}: its adapter_config.json names no base model (base_model_name_or_path)")
+    if not Path(base_ref).expanduser().exists() and (path / base_ref).exists():  # a path relative to the adapter
+        base_ref = str(path / base_ref)
+    base = load_model(base_ref, device=device, dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(base.model, str(path)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise AlmakError(f"could not apply the adapter {ref!r} to {base_ref!r}: {str(e).splitlines()[0]}") from None
+    tokenizer = base.tokenizer
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tokenizer, ref, str(path))
 
 
 def _finish(lm: LoadedModel, device: torch.device, dtype: torch.dtype) -> LoadedModel:

@@ -31,6 +31,13 @@ def test_beam_search_file_to_file(tmp_path, tiny_llama_dir):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
+def test_engine_hf_gives_the_same_greedy_lines():
+    runs = [invoke("translate", "--src", "de", "--tgt", "en", *FAST, "--engine", engine,
+                   input="Die Ware hat unter 20 Euro gekostet.\nDanke.\n") for engine in ("almak", "hf")]
+    assert [r.exit_code for r in runs] == [0, 0], runs[1].output
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
+
+
 def test_batching_does_not_change_greedy_output(smollm):
     from almak.eval.data import load_testset
     from almak.eval.generate import GenerationConfig, translate
@@ -49,6 +56,7 @@ def test_batching_does_not_change_greedy_output(smollm):
     (["nosuchmodel", "--src", "de", "--tgt", "en"], "unknown model 'nosuchmodel'"),
     (["--src", "de", "--tgt", "en", "--num-beams", "0"], "--num-beams"),
     (["--src", "de", "--tgt", "en", "--device", "tpu9"], "unknown device"),
+    (["--src", "de", "--tgt", "en", "--engine", "vllm"], "--engine"),
 ])
 def test_bad_input(args, message):
     result = invoke("translate", *args, input="Hallo\n")
