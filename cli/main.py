@@ -504,12 +504,15 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
               help="Benchmark a random-weight LLaMA with these exact dimensions instead; MODELS are then variants "
                    "of it: float, int8 (per channel), int4 (group 128), quantized at load (default: all three).")
 @click.option("--layers", type=click.IntRange(min=1), help="With --shape: keep only this many decoder layers.")
+@click.option("--engine", type=click.Choice(["almak", "hf"]), default="almak", show_default=True,
+              help="almak: almak's generation loop (preallocated KV cache), as almak translate runs; hf: "
+                   "transformers' forward with its dynamic cache (any architecture).")
 @click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, exists=True),
               help="An almak eval report.json (repeatable): adds quality_vs_bytes.png, perplexity (or chrF) against "
                    "weight bytes, labelled by the report's folder.")
 @click.option("--no-plot", is_flag=True, help="Write bench.json only (the plots need matplotlib).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shape, layers, reports, out_dir,
+def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shape, layers, engine, reports, out_dir,
           no_plot, overwrite):
     """Measure MODELS side by side: prefill and decode tokens/s, latency per token, memory, weight bytes.
 
@@ -536,7 +539,7 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise AlmakError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
-    config = BenchConfig(batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats)
+    config = BenchConfig(batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, engine=engine)
     out = Path(out_dir) if out_dir else None
     if out:
         check_new_output(out, overwrite)
@@ -591,7 +594,8 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
                      f"prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s "
                      f"({r['ms_per_token']:.1f} ms/step, {r['decode_speedup']:.2f}x {baseline}){mem}"))
     rows += [(f"{n} weights", f"{d['weight_bytes'] / 2**20:.1f} MiB") for n, d in info.items()]
-    print_table(rows, title=f"{device}, {prompt_len} prompt + {gen_len} generated tokens, median of {repeats}")
+    print_table(rows, title=f"{device}, {engine} loop, {prompt_len} prompt + {gen_len} generated tokens, median of "
+                            f"{repeats}")
     if out is None:
         return
     doc = {"benchmark": "almak bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

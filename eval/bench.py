@@ -6,8 +6,10 @@ Each measurement feeds a batch of ``prompt_len`` random token ids through the mo
 runs ``gen_len - 1`` greedy decode steps of one token per sequence on the model's KV cache (decode); no
 padding, no stopping, so every variant does exactly the same work. Measurements are interleaved (for each
 repeat, for each batch size, every model in turn) so that machine noise hits all models alike, and each
-number is the median over ``repeats``. The decode loop is transformers' forward with its dynamic cache: it
-times the model and its layers, not a generation engine.
+number is the median over ``repeats``. The loop is ``engine``'s: ``almak`` (the default) is almak's generation
+loop (:class:`almak.modeling.decoder.Decoder`: preallocated KV cache, allocated before the clock starts), what
+``almak translate`` runs; ``hf`` is transformers' forward with its dynamic cache, for models almak's loop does not
+run and for comparison.
 """
 from __future__ import annotations
 
@@ -80,8 +82,13 @@ class BenchConfig:
     gen_len: int = 128
     repeats: int = 3
     seed: int = 0
+    engine: str = "almak"  # almak: almak's generation loop; hf: transformers' forward and dynamic cache
 
     def __post_init__(self):
+        from almak.eval.generate import ENGINES
+
+        if self.engine not in ENGINES:
+            raise AlmakError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
         self.batch_sizes = tuple(self.batch_sizes)
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise AlmakError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
@@ -105,24 +112,36 @@ def _cache_name() -> str:
 
 
 @torch.inference_mode()
-def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict:
-    """One prefill + greedy decode measurement; returns seconds and tokens/s."""
+def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, engine: str = "almak") -> dict:
+    """One prefill + greedy decode measurement in ``engine``'s loop; returns seconds and tokens/s."""
     device = next(model.parameters()).device
-    cache = _cache_name()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
-    past, token = getattr(out, cache), out.logits[:, -1:].argmax(-1)
-    _sync(device)
-    t1 = time.perf_counter()
-    for _ in range(gen_len - 1):
-        out = model(input_ids=token, use_cache=True, **{cache: past})
+    if engine == "almak":
+        from almak.modeling.decoder import Decoder
+
+        decoder = Decoder(model, batch, prompt_len + gen_len)
+        _sync(device)
+        t0 = time.perf_counter()
+        token = decoder.add(ids.tolist()).argmax(-1)
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(gen_len - 1):
+            token = decoder.step(token).argmax(-1)
+    else:
+        cache = _cache_name()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
         past, token = getattr(out, cache), out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(gen_len - 1):
+            out = model(input_ids=token, use_cache=True, **{cache: past})
+            past, token = getattr(out, cache), out.logits[:, -1:].argmax(-1)
     _sync(device)
     t2 = time.perf_counter()
     steps = gen_len - 1
@@ -140,13 +159,13 @@ def run_bench(models: dict[str, torch.nn.Module], config: BenchConfig,
     if not models:
         raise AlmakError("no models to benchmark")
     for model in models.values():  # warm-up: first-call allocations and caches
-        bench_once(model, 1, min(8, config.prompt_len), 2, config.seed)
+        bench_once(model, 1, min(8, config.prompt_len), 2, config.seed, config.engine)
     runs: dict[tuple[str, int], list[dict]] = {}
     for _ in range(config.repeats):
         for batch in config.batch_sizes:
             for name, model in models.items():
                 runs.setdefault((name, batch), []).append(
-                    bench_once(model, batch, config.prompt_len, config.gen_len, config.seed))
+                    bench_once(model, batch, config.prompt_len, config.gen_len, config.seed, config.engine))
                 if progress:
                     progress(1)
     records = []

@@ -32,6 +32,15 @@ def test_bench_two_models_writes_json(tiny_llama_dir, w4_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["bench.json"]
 
 
+def test_bench_engine_hf_is_recorded(tiny_llama_dir, tmp_path):
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), *FAST, "--engine", "hf", "--out", str(out),
+                                       "--no-plot"])
+    assert result.exit_code == 0, result.output
+    assert "hf loop" in result.output
+    assert json.loads((out / "bench.json").read_text())["config"]["engine"] == "hf"
+
+
 def test_bench_plot(tiny_llama_dir, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "b"

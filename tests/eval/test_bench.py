@@ -13,27 +13,25 @@ def tiny(tiny_llama_dir):
     return load_model(str(tiny_llama_dir), device="cpu", dtype="float32").model
 
 
-def test_run_bench_measures_every_model_and_batch(tiny):
+@pytest.mark.parametrize("engine", ["almak", "hf"])
+def test_run_bench_measures_every_model_and_batch(tiny, engine):
+    import copy
+
+    other = copy.deepcopy(tiny)  # the same weights, counted through its first layer's q_proj
     calls = []
-
-    class Counting(torch.nn.Module):  # the same model, counting how often it is called
-        def __init__(self):
-            super().__init__()
-            self.inner, self.config = tiny, tiny.config
-
-        def forward(self, **kw):
-            calls.append(kw["input_ids"].shape)
-            return self.inner(**kw)
-
-    config = BenchConfig(batch_sizes=(1, 3), prompt_len=5, gen_len=4, repeats=2)
-    records = summarize(run_bench({"a": tiny, "b": Counting()}, config), baseline="a")
+    handle = other.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[:2]))
+    config = BenchConfig(batch_sizes=(1, 3), prompt_len=5, gen_len=4, repeats=2, engine=engine)
+    try:
+        records = summarize(run_bench({"a": tiny, "b": other}, config), baseline="a")
+    finally:
+        handle.remove()
     assert [(r["model"], r["batch"]) for r in records] == [("a", 1), ("b", 1), ("a", 3), ("b", 3)]
     for r in records:
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ms_per_token"] > 0
     assert all(r["decode_speedup"] == 1.0 for r in records if r["model"] == "a")
     # b: one warm-up (1 prefill + 1 step) then, per repeat and batch size, 1 prefill + gen_len - 1 steps.
     assert len(calls) == 2 + 2 * 2 * 4
-    assert calls[2] == (1, 5) and calls[3] == (1, 1)
+    assert calls[2] == (1, 5) and calls[3] == (1, 1) and calls[6] == (3, 5) and calls[7] == (3, 1)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -41,6 +39,7 @@ def test_run_bench_measures_every_model_and_batch(tiny):
     (dict(batch_sizes=(0,)), "batch sizes must be positive"),
     (dict(gen_len=1), "generated length >= 2"),
     (dict(repeats=0), "repeats must be at least 1"),
+    (dict(engine="vllm"), "unknown engine 'vllm'"),
 ])
 def test_config_refusals(kw, message):
     with pytest.raises(AlmakError, match=message):
