@@ -125,12 +125,15 @@ def translate(
     add_special = not prompt.uses_chat_template  # a chat template already wrote its special tokens
     eos = _stop_ids(tokenizer, model)
     start = time.perf_counter()
-    if config.engine == "hf":
+    if not todo:
+        outputs = {}
+    elif config.engine == "hf":
         outputs = _generate_hf(model, tokenizer, todo, prompts, add_special, eos, config, progress)
     else:
         ids = {i: tokenizer(prompts[i], add_special_tokens=add_special)["input_ids"] for i in todo}
+        stop = LineStop(tokenizer, eos, model.config.vocab_size, next(model.parameters()).device)
         search = _greedy if config.num_beams == 1 else _beam_search
-        outputs = search(model, tokenizer, todo, ids, eos, config, progress)
+        outputs = search(model, stop, todo, ids, config, progress)
     generated_tokens = 0
     for i, tokens in outputs.items():
         generated_tokens += sum(t not in eos and t != tokenizer.pad_token_id for t in tokens)
@@ -166,21 +169,17 @@ def _generate_hf(model, tokenizer, todo, prompts, add_special, eos, config, prog
     return outputs
 
 
-def _decoder_for(model, tokenizer, ids, eos, config, rows: int):
+def _decoder_for(model, sentences: list[int], ids, config, rows: int):
+    """A Decoder of ``rows`` rows with room for the longest of ``sentences``' prompts and the budget."""
     from almak.modeling.decoder import Decoder
 
-    device = next(model.parameters()).device
-    longest = max(len(p) for p in ids.values())
-    decoder = Decoder(model, rows, longest + config.max_new_tokens)
-    return decoder, LineStop(tokenizer, eos, model.config.vocab_size, device)
+    return Decoder(model, rows, max(len(ids[i]) for i in sentences) + config.max_new_tokens)
 
 
-def _greedy(model, tokenizer, todo, ids, eos, config, progress) -> dict[int, list[int]]:
+def _greedy(model, stop: LineStop, todo, ids, config, progress) -> dict[int, list[int]]:
     """Greedy search; a finished sentence's row goes at once to the next sentence in line."""
     outputs: dict[int, list[int]] = {}
-    if not todo:
-        return outputs
-    decoder, stop = _decoder_for(model, tokenizer, ids, eos, config, min(config.batch_size, len(todo)))
+    decoder = _decoder_for(model, todo, ids, config, min(config.batch_size, len(todo)))
     device = decoder.device
     queue = deque(todo)
     row_sentence: list[int] = []
@@ -211,13 +210,13 @@ def _greedy(model, tokenizer, todo, ids, eos, config, progress) -> dict[int, lis
     return outputs
 
 
-def _beam_search(model, tokenizer, todo, ids, eos, config, progress) -> dict[int, list[int]]:
+def _beam_search(model, stop: LineStop, todo, ids, config, progress) -> dict[int, list[int]]:
     """Beam search over groups of ``batch_size`` sentences; a finished sentence's beams leave the batch."""
     K = config.num_beams
     outputs: dict[int, list[int]] = {}
     for b in range(0, len(todo), config.batch_size):
         group = todo[b : b + config.batch_size]
-        decoder, stop = _decoder_for(model, tokenizer, {i: ids[i] for i in group}, eos, config, len(group) * K)
+        decoder = _decoder_for(model, group, ids, config, len(group) * K)
         device = decoder.device
         logits = decoder.add([ids[i] for i in group])
         beams = torch.arange(len(group), device=device).repeat_interleave(K)
@@ -238,9 +237,14 @@ def _beam_search(model, tokenizer, todo, ids, eos, config, progress) -> dict[int
             rows = parent + torch.arange(len(live), device=device)[:, None] * K
             cand_done, cand_text = stop(token.flatten(), has_text[rows.flatten()])
             cand_done = cand_done.view(len(live), 2 * K).tolist()
+            cand_text = cand_text.view(len(live), 2 * K).tolist()
             top_l, rows_l, token_l = top.tolist(), rows.tolist(), token.tolist()
             keep_rows, keep_scores, keep_tokens, keep_text, still = [], [], [], [], []
-            cand_text = cand_text.view(len(live), 2 * K)
+
+            def finish(sentence, s, rank):  # candidate ``rank`` of live sentence ``s`` becomes a hypothesis
+                tokens = history[rows_l[s][rank]].tolist() + [token_l[s][rank]]
+                finished[sentence].append((top_l[s][rank] / len(tokens), tokens))
+
             for s, sentence in enumerate(live):
                 chosen = []
                 for rank in range(2 * K):
@@ -248,8 +252,7 @@ def _beam_search(model, tokenizer, todo, ids, eos, config, progress) -> dict[int
                         break
                     if cand_done[s][rank]:
                         if rank < K:
-                            tokens = history[rows_l[s][rank]].tolist() + [token_l[s][rank]]
-                            finished[sentence].append((top_l[s][rank] / len(tokens), tokens))
+                            finish(sentence, s, rank)
                     else:
                         chosen.append(rank)
                     if len(chosen) == K:
@@ -257,8 +260,7 @@ def _beam_search(model, tokenizer, todo, ids, eos, config, progress) -> dict[int
                 if not chosen or len(finished[sentence]) >= K or step + 1 == config.max_new_tokens:
                     if len(finished[sentence]) < K:  # out of budget: running beams compete too
                         for rank in chosen:
-                            tokens = history[rows_l[s][rank]].tolist() + [token_l[s][rank]]
-                            finished[sentence].append((top_l[s][rank] / len(tokens), tokens))
+                            finish(sentence, s, rank)
                     outputs[sentence] = max(finished[sentence], key=lambda f: f[0])[1]
                     if progress:
                         progress(1)
@@ -270,7 +272,7 @@ def _beam_search(model, tokenizer, todo, ids, eos, config, progress) -> dict[int
                 keep_rows += [rows_l[s][r] for r in chosen + pad]
                 keep_scores.append([top_l[s][r] for r in chosen] + [float("-inf")] * len(pad))
                 keep_tokens += [token_l[s][r] for r in chosen + pad]
-                keep_text += [bool(cand_text[s, r]) for r in chosen + pad]
+                keep_text += [cand_text[s][r] for r in chosen + pad]
             if not still:
                 break
             index = torch.tensor(keep_rows, device=device)

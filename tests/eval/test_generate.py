@@ -78,7 +78,7 @@ def test_beam_search_finds_the_exhaustive_optimum():
         model.lm_head.weight.mul_(40)
     prompt, budget, eos = [0, 3], 3, [5]
     tokenizer = PieceTokenizer(pieces)
-    found = _beam_search(model, tokenizer, [0], {0: prompt}, eos,
+    found = _beam_search(model, LineStop(tokenizer, eos, 6, "cpu"), [0], {0: prompt},
                          GenerationConfig(num_beams=36, max_new_tokens=budget), None)[0]
 
     def logprob(seq):
