@@ -165,7 +165,7 @@ def alma_parallel(directions: list[tuple[str, str]], split: str = "train") -> di
     >>> alma_parallel([("en", "de")])[("en", "de")].sources[0][:21]
     '28-Year-Old Chef Foun'
     """
-    out = {}
+    out, files = {}, {}  # files: each xx-en file read once, though it serves both directions
     for src, tgt in directions:
         xx = tgt if src == "en" else src
         if f"{src}-{tgt}" not in ALMA_DIRECTIONS:
@@ -174,7 +174,9 @@ def alma_parallel(directions: list[tuple[str, str]], split: str = "train") -> di
         if not path.is_file():
             out[(src, tgt)] = None
             continue
-        records = read_json_records(path)
+        if path not in files:
+            files[path] = read_json_records(path)
+        records = files[path]
         out[(src, tgt)] = TestSet(f"alma-{split}:{src}-{tgt}", src, tgt, [r["translation"][src] for r in records],
                                   [r["translation"][tgt] for r in records])
     return out
