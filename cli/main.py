@@ -11,6 +11,7 @@ import click
 
 from almak.errors import AlmakError
 from almak.eval.bench import SHAPES as BENCH_SHAPES
+from almak.eval.generate import ENGINES
 from almak.modeling.prune import PruneRecipe
 
 # The CLI takes its defaults from the library's recipe.
@@ -113,7 +114,7 @@ def peak_memory(device: str) -> str:
 
 
 def generation_options(f):
-    from almak.eval.generate import ENGINES, GenerationConfig
+    from almak.eval.generate import GenerationConfig
 
     d = GenerationConfig()
     f = click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
@@ -504,7 +505,7 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
               help="Benchmark a random-weight LLaMA with these exact dimensions instead; MODELS are then variants "
                    "of it: float, int8 (per channel), int4 (group 128), quantized at load (default: all three).")
 @click.option("--layers", type=click.IntRange(min=1), help="With --shape: keep only this many decoder layers.")
-@click.option("--engine", type=click.Choice(["almak", "hf"]), default="almak", show_default=True,
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="almak", show_default=True,
               help="almak: almak's generation loop (preallocated KV cache), as almak translate runs; hf: "
                    "transformers' forward with its dynamic cache (any architecture).")
 @click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, exists=True),
