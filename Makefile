@@ -60,19 +60,9 @@ smollm2-135m-mt: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) $(COMET_VENV) *.egg-info .pytest_cache
 
-# On a GPU machine that already has torch and triton: the kernel/quant/sparse/modeling tests on the real GPU (no
-# interpreter), the kernel microbenchmarks (benchmarks/results/<gpu>.json), then almak bench on a random-weight
-# ALMA-7B in fp16, int8 and int4 (benchmarks/results/bench-alma-7b-<gpu>/) and its fp16 model on transformers'
-# forward (bench-alma-7b-hf-<gpu>/), and the embedded model's translation speed in both engines. Budget: <10 min.
+# On a GPU machine that already has torch and triton (no install, works offline): kernel microbenchmarks
+# (benchmarks/results/<gpu>.json), almak bench on a random-weight ALMA-7B as float, int8, int4, 2:4 and 2:4-int4
+# in almak's loop and as float in transformers' forward (bench-alma-7b[-hf]-<gpu>/), then the kernel, quantizer,
+# pruner and layer tests on the GPU. Under ten minutes; logs in benchmarks/results/gpu-logs-<gpu>/.
 gpu-check:
-	$(PYTHON) -m pip install $(PIP_QUIET) --no-deps -e .
-	TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/quant tests/sparse tests/modeling/test_quant_linear.py \
-		tests/modeling/test_sparse_linear.py
-	TRITON_INTERPRET=0 $(PYTHON) benchmarks/run_kernels.py
-	TRITON_INTERPRET=0 $(PYTHON) -m almak.cli.main bench --shape alma-7b float int8 int4 --batch-sizes 1,4,16 \
-		--prompt-len 128 --gen-len 128 --device cuda --overwrite \
-		--out benchmarks/results/bench-alma-7b-$$($(PYTHON) -c 'from almak.eval.bench import device_name; print(device_name())')
-	TRITON_INTERPRET=0 $(PYTHON) -m almak.cli.main bench --shape alma-7b float --engine hf --batch-sizes 1,4,16 \
-		--prompt-len 128 --gen-len 128 --device cuda --overwrite --no-plot \
-		--out benchmarks/results/bench-alma-7b-hf-$$($(PYTHON) -c 'from almak.eval.bench import device_name; print(device_name())')
-	TRITON_INTERPRET=0 $(PYTHON) benchmarks/generate_vs_hf.py --device cuda
+	PYTHON=$(PYTHON) benchmarks/gpu_check.sh

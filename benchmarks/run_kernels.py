@@ -176,25 +176,16 @@ def median_ms(fn, device: str) -> float:
     return statistics.median(times) * 1e3
 
 
-def run(kernels=KERNELS, device: str | None = None) -> dict:
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| over max |ref|: the check that a timed kernel computed the product it was timed on."""
+    return (out.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-30)
+
+
+def run(kernels=KERNELS, device: str | None = None, on_kernel=None) -> dict:
+    """Time every case of ``kernels``; ``on_kernel(report)`` gets the report so far after each kernel."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     records = []
-    for kernel in kernels:
-        shapes, Ms = grid(device, kernel)
-        for K, N in shapes:
-            for M in Ms:
-                times = {}
-                for provider in providers(kernel, M, device):
-                    fn, nbytes = make_call(kernel, N, K, M, provider, device)
-                    times[provider] = ms = median_ms(fn, device)
-                    records.append(dict(kernel=kernel, shape=f"{K}x{N}", K=K, N=N, M=M, provider=provider,
-                                        median_ms=round(ms, 5), weight_gbps=round(nbytes / ms / 1e6, 2)))
-                    print(f"{kernel} {K}x{N} M={M:<5} {provider:<11} {ms:9.3f} ms", file=sys.stderr)
-                baseline = providers(kernel, M, device)[0]
-                for rec in records[-len(times):]:
-                    rec["speedup_vs_baseline"] = round(times[baseline] / rec["median_ms"], 3)
-                    rec["speedup_vs_dequant"] = round(times["dequant"] / rec["median_ms"], 3)
-    return dict(
+    report = dict(
         device=device_name(),
         torch=torch.__version__,
         triton=__import__("triton").__version__,
@@ -206,8 +197,33 @@ def run(kernels=KERNELS, device: str | None = None) -> dict:
         sparse24_scheme="2:4 sparse, fp16 kept values, uniform random position pairs",
         sparse24_w4_scheme=f"2:4 sparse, int4 symmetric kept values (zeros 8), group {W4_GROUP_SIZE}, fp16 scales",
         dense_min_m=w4a16.DENSE_MIN_M,
+        rel_err="max |almak - dequant| / max |dequant| on the timed inputs",
         results=records,
     )
+    for kernel in kernels:
+        shapes, Ms = grid(device, kernel)
+        for K, N in shapes:
+            for M in Ms:
+                times, ref = {}, None
+                for provider in providers(kernel, M, device):
+                    fn, nbytes = make_call(kernel, N, K, M, provider, device)
+                    times[provider] = ms = median_ms(fn, device)
+                    rec = dict(kernel=kernel, shape=f"{K}x{N}", K=K, N=N, M=M, provider=provider,
+                               median_ms=round(ms, 5), weight_gbps=round(nbytes / ms / 1e6, 2))
+                    if provider == "dequant":
+                        ref = fn()
+                    elif provider in ("almak", "triton"):
+                        rec["rel_err"] = float(f"{relative_error(fn(), ref):.3g}")
+                    records.append(rec)
+                    err = f"  rel_err {rec['rel_err']:.2g}" if "rel_err" in rec else ""
+                    print(f"{kernel} {K}x{N} M={M:<5} {provider:<11} {ms:9.3f} ms{err}", file=sys.stderr)
+                baseline = providers(kernel, M, device)[0]
+                for rec in records[-len(times):]:
+                    rec["speedup_vs_baseline"] = round(times[baseline] / rec["median_ms"], 3)
+                    rec["speedup_vs_dequant"] = round(times["dequant"] / rec["median_ms"], 3)
+        if on_kernel:
+            on_kernel(report)
+    return report
 
 
 def main(argv=None) -> None:
@@ -223,10 +239,18 @@ def main(argv=None) -> None:
     kernels = [k for k in (args.kernels or ",".join(default)).split(",") if k]
     if unknown := set(kernels) - set(KERNELS):
         parser.error(f"unknown kernels {sorted(unknown)}; choose from {KERNELS}")
-    report = run(kernels)
-    out = args.out or RESULTS_DIR / f"{report['device']}.json"
+    out = args.out or RESULTS_DIR / f"{device_name()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+
+    def write(report: dict) -> None:  # after each kernel, so that a run cut short keeps what it measured
+        done = sorted({r["kernel"] for r in report["results"]}, key=KERNELS.index)
+        report["kernels_done"] = done
+        report["complete"] = done == sorted(kernels, key=KERNELS.index)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(out)
+
+    run(kernels, on_kernel=write)
     print(f"wrote {out}", file=sys.stderr)
 
 

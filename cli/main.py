@@ -503,7 +503,8 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
               help="Folder for bench.json and decode_speedup.png (written when complete).")
 @click.option("--shape", type=click.Choice(list(BENCH_SHAPES)),
               help="Benchmark a random-weight LLaMA with these exact dimensions instead; MODELS are then variants "
-                   "of it: float, int8 (per channel), int4 (group 128), quantized at load (default: all three).")
+                   "of it: float, int8 (per channel), int4 (group 128), quantized at load (default: these three), 2:4 "
+                   "(magnitude, fp16 kept values) and 2:4-int4.")
 @click.option("--layers", type=click.IntRange(min=1), help="With --shape: keep only this many decoder layers.")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="almak", show_default=True,
               help="almak: almak's generation loop (preallocated KV cache), as almak translate runs; hf: "
@@ -562,18 +563,16 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
         raise AlmakError("--layers goes with --shape")
     loaded, info = {}, {}
     if shape:
+        from almak.eval.bench import SHAPE_VARIANTS, make_variant
         from almak.modeling.load import resolve_dtype
-        from almak.modeling.surgery import QuantConfig, quantize_
 
-        variants = {"float": None, "int8": QuantConfig(bits=8, group_size=-1), "int4": QuantConfig(bits=4)}
-        unknown = [m for m in models if m not in variants]
+        unknown = [m for m in models if m not in SHAPE_VARIANTS]
         if unknown:
-            raise AlmakError(f"with --shape, MODELS are variants of it ({', '.join(variants)}), not {', '.join(unknown)}")
-        for name in dict.fromkeys(models or variants):
+            raise AlmakError(f"with --shape, MODELS are variants of it ({', '.join(SHAPE_VARIANTS)}), not "
+                             f"{', '.join(unknown)}")
+        for name in dict.fromkeys(models or ("float", "int8", "int4")):
             model = random_model(shape, resolve_dtype(dtype, device), device, layers)  # same seed: same weights
-            if variants[name]:
-                quantize_(model, variants[name])
-            loaded[name] = model
+            loaded[name] = make_variant(model, name)
             info[name] = {"ref": f"random {shape}" + (f" ({layers} layers)" if layers else ""),
                           "weight_bytes": weight_bytes(model)}
     for ref in () if shape else (models or (DEFAULT_MODEL,)):

@@ -25,7 +25,8 @@ import torch
 
 from almak.errors import AlmakError
 
-__all__ = ["BenchConfig", "run_bench", "bench_once", "summarize", "device_name", "SHAPES", "random_model"]
+__all__ = ["BenchConfig", "run_bench", "bench_once", "summarize", "device_name", "SHAPES", "SHAPE_VARIANTS",
+           "random_model", "make_variant"]
 
 # LLaMA-2 shapes of ALMA-7B / ALMA-13B (their config.json), for speed runs where the weights cannot be had.
 SHAPES = {
@@ -55,6 +56,37 @@ def random_model(shape: str, dtype: torch.dtype, device: str, layers: int | None
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval()
+
+
+# What ``almak bench --shape`` can make of a random model: quantized at load (RTN: int8 per channel, int4 group
+# 128), 2:4 by magnitude (fp16 kept values), or both (magnitude 2:4, then int4 group 128 on the kept weights).
+SHAPE_VARIANTS = ("float", "int8", "int4", "2:4", "2:4-int4")
+
+
+@torch.no_grad()
+def make_variant(model, variant: str):
+    """Turn ``model`` (a :func:`random_model`) into ``variant`` of :data:`SHAPE_VARIANTS`, in place; returns it.
+
+    Speed runs only: the pruning is by magnitude and the quantization round-to-nearest, with no calibration.
+    """
+    from almak.modeling.surgery import QuantConfig, quantize_, sparsify_, target_linears
+    from almak.sparse.masks import apply_mask_, nm_mask
+
+    if variant not in SHAPE_VARIANTS:
+        raise AlmakError(f"unknown variant {variant!r}; choose from {', '.join(SHAPE_VARIANTS)}")
+    projections = target_linears(model)
+    if variant.startswith("2:4"):
+        for _, linear in projections:
+            apply_mask_(linear, nm_mask(linear.weight.abs(), 2, 4))
+    if variant == "int8":
+        quantize_(model, QuantConfig(bits=8, group_size=-1))
+    elif variant.endswith("int4"):
+        quantize_(model, QuantConfig(bits=4))
+    if variant.startswith("2:4"):
+        swapped = sparsify_(model)
+        if len(swapped) != len(projections):
+            raise AlmakError(f"only {len(swapped)} of {len(projections)} projections could be stored as 2:4")
+    return model
 
 
 def device_name(device: str | None = None) -> str:

@@ -61,6 +61,9 @@ PACK_FACTOR = 8
 # Same parsing as Triton's own TRITON_INTERPRET knob; read once because triton.jit also decides at import
 # time whether the kernels below are interpreted.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# ALMAK_AUTOTUNE=0 gives the GPU the interpreter's single config per path instead of autotuning (the GPU test
+# run uses it: hundreds of test shapes x 8 configs would compile for minutes).
+AUTOTUNE = not INTERPRET and os.environ.get("ALMAK_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
 
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PATHS = ("auto", "decode", "prefill", "dense")
@@ -214,13 +217,13 @@ def _w4a16_prefill_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))
 
 
-def kernel_configs(path: str, interpret: bool = INTERPRET) -> list[triton.Config]:
+def kernel_configs(path: str, interpret: bool = not AUTOTUNE) -> list[triton.Config]:
     """Autotuning space for the decode or prefill kernel (shared by the W8A16 kernels).
 
     UNMEASURED: written without a GPU. The decode list spans strips of 32..256 output channels and
     2..16-way split-K (4096 / 64 channels x 8 splits = 512 programs ~ 4 per H100 SM); the prefill list is
     the tutorial's fp16 list cut to BLOCK_SIZE_K <= 128 (tiles then sit inside one group of 128 or more).
-    Under the interpreter one config each: blocks of 128 (3x faster there than 64, measured on the tests'
+    Under the interpreter (and with ALMAK_AUTOTUNE=0) one config each: blocks of 128 (3x faster there than 64, measured on the tests'
     shapes) that still leave every test shape a ragged N or K edge (192, 576, 1000, 64), group sizes on
     both sides of BLOCK_SIZE_K (32, 64 < 128 <= 128, per-channel), and SPLIT_K = 2 so that the atomic
     reduction runs.

@@ -76,7 +76,7 @@ def test_shape_variant(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--layers", "1"], "--layers goes with --shape"),
-    (["--shape", "alma-7b", "smollm2-135m"], "MODELS are variants of it (float, int8, int4)"),
+    (["--shape", "alma-7b", "smollm2-135m"], "MODELS are variants of it (float, int8, int4, 2:4, 2:4-int4)"),
 ])
 def test_shape_refusals(args, message):
     result = CliRunner().invoke(main, ["bench", *args])

@@ -55,3 +55,28 @@ def test_random_model_has_alma_shapes(shape, params):
     assert len(random_model(shape, torch.float16, "meta", layers=2).model.layers) == 2
     with pytest.raises(AlmakError, match="--layers must be between 1 and"):
         random_model(shape, torch.float16, "meta", layers=99)
+
+
+@pytest.mark.parametrize("variant, kind", [("int8", "QuantLinear"), ("int4", "QuantLinear"),
+                                           ("2:4", "Sparse24Linear"), ("2:4-int4", "Sparse24QuantLinear")])
+def test_make_variant_swaps_every_projection(tiny, variant, kind):
+    """Every projection becomes the variant's module, and the model still computes close to the float one."""
+    import copy
+
+    from almak.eval.bench import make_variant
+    from almak.modeling.surgery import target_linears
+
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    model = make_variant(copy.deepcopy(tiny), variant)
+    assert {type(m).__name__ for _, m in target_linears(model)} == {kind}
+    with torch.no_grad():
+        ref, got = tiny(ids).logits, model(ids).logits
+    assert torch.isfinite(got).all() and not torch.equal(ref, got)
+    if variant == "int8":  # RTN int8 is near-lossless; the others change the function a lot on random weights
+        torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+
+
+def test_make_variant_refuses_unknown():
+    with pytest.raises(AlmakError, match="unknown variant 'int3'"):
+        from almak.eval.bench import make_variant
+        make_variant(torch.nn.Linear(4, 4), "int3")

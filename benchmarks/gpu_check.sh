@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Everything almak measures on a GPU, in one command that fits in ten minutes (`make gpu-check` runs it):
+#   1. kernel microbenchmarks, every kernel (benchmarks/results/<gpu>.json, written after each kernel);
+#   2. almak bench on a random-weight ALMA-7B: float, int8, int4, 2:4, 2:4-int4 in almak's loop
+#      (benchmarks/results/bench-alma-7b-<gpu>/), and float in transformers' forward (bench-alma-7b-hf-<gpu>/);
+#   3. the kernel, quantizer, pruner and layer tests on the GPU (no interpreter), in parallel.
+# Each step has its own time limit inside an overall budget (GPU_CHECK_BUDGET seconds, default 540), so a slow
+# step cannot starve the rest; logs and a summary go to LOG_DIR (default benchmarks/results/gpu-logs-<gpu>).
+# Needs torch, triton, transformers, click, tqdm, sacrebleu, safetensors, pytest (+ pytest-xdist, matplotlib if
+# present); works offline: almak is imported from this checkout, not installed.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+if ! "$PY" -c 'import almak.kernels' 2>/dev/null; then
+    # The package is the repository root (setup.py's package_dir): expose it under its name.
+    mkdir -p /tmp/almak-import && ln -sfn "$PWD" /tmp/almak-import/almak
+    export PYTHONPATH=/tmp/almak-import${PYTHONPATH:+:$PYTHONPATH}
+fi
+GPU=$("$PY" -c 'from almak.eval.bench import device_name; print(device_name("cuda"))') || exit 1
+LOG=${1:-benchmarks/results/gpu-logs-$GPU}
+mkdir -p "$LOG"
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-540}))
+
+step() {  # step NAME LIMIT_S COMMAND...: run with min(LIMIT_S, time left), log to $LOG/NAME.log
+    local name=$1 limit=$2 left=$((DEADLINE - SECONDS)) start=$SECONDS rc
+    shift 2
+    ((left < limit)) && limit=$left
+    if ((limit < 10)); then
+        echo "$name: skipped, budget spent" | tee -a "$LOG/summary.txt"
+        return
+    fi
+    timeout -k 5 "$limit" "$@" > "$LOG/$name.log" 2>&1
+    rc=$?
+    echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$LOG/summary.txt"
+}
+
+{
+    date -u +"%F %T UTC"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+    "$PY" -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
+} > "$LOG/summary.txt" 2>&1
+cat "$LOG/summary.txt"
+
+step kernels 200 "$PY" benchmarks/run_kernels.py
+BENCH=(--batch-sizes 1,4,16 --prompt-len 128 --gen-len 64 --device cuda --overwrite)
+step bench 150 "$PY" -m almak.cli.main bench --shape alma-7b float int8 int4 2:4 2:4-int4 "${BENCH[@]}" \
+    --out "benchmarks/results/bench-alma-7b-$GPU"
+step bench-hf 50 "$PY" -m almak.cli.main bench --shape alma-7b float --engine hf "${BENCH[@]}" --no-plot \
+    --out "benchmarks/results/bench-alma-7b-hf-$GPU"
+XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 12")
+# shellcheck disable=SC2086
+# One config per kernel path (ALMAK_AUTOTUNE=0): the autotuned configs are checked by step 1's rel_err.
+step tests 600 env ALMAK_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider $XDIST -q --tb=short tests/kernels \
+    tests/quant tests/sparse \
+    tests/modeling/test_quant_linear.py tests/modeling/test_sparse_linear.py
+tail -n 3 "$LOG/tests.log" 2>/dev/null | tee -a "$LOG/summary.txt"
