@@ -250,6 +250,11 @@ def make_optimizer(model: nn.Module, config: FinetuneConfig):
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+    return optimizer, schedule(optimizer, config)
+
+
+def schedule(optimizer, config: FinetuneConfig):
+    """Linear warmup over ``config.warmup_steps``, then linear decay to 0 at ``config.steps``."""
     warm, total = config.warmup_steps, config.steps
 
     def factor(step: int) -> float:  # step = optimizer steps taken so far
@@ -257,7 +262,7 @@ def make_optimizer(model: nn.Module, config: FinetuneConfig):
             return (step + 1) / (warm + 1)
         return max(0.0, (total - step) / max(1, total - warm))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -399,6 +404,39 @@ def finetune(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneCo
     >>> finetune(lm.model, lm.tokenizer, "alma", FinetuneConfig(data="alma:de-en", steps=50),
     ...          "smollm-ft", base_ref="smollm2-135m").summary["val_ppl_after"]          # doctest: +SKIP
     """
+    base_ref = _base_ref(model, base_ref)
+    run = train(model, tokenizer, prompt_family, config, out_dir, lambda m: prepare_model(m, config), nll_loss,
+                resume=resume, progress=progress, overwrite=overwrite, base_ref=base_ref)
+    recipe = {"command": "finetune", "method": "full" if config.full else "lora", "base_model": base_ref,
+              **run.recipe_fields}
+    _write_result(Path(out_dir), run.model, tokenizer, config, base_ref, recipe)
+    return FinetuneResult(run.model, run.summary)
+
+
+def nll_loss(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of the target tokens: the fine-tuning loss of one batch."""
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    return target_nll(logits, labels)[0]
+
+
+@dataclass
+class TrainRun:
+    model: nn.Module  # as ``prepare`` returned it, trained
+    summary: dict
+    recipe_fields: dict  # prompt, config, data, the summary, almak's version, date: for the result's recipe
+
+
+def train(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfig, out_dir: str | Path,
+          prepare: Callable[[nn.Module], nn.Module], batch_loss: Callable[..., torch.Tensor], resume: bool = False,
+          progress: Callable[[dict], None] | None = None, overwrite: bool = False, base_ref: str | None = None,
+          optimizer: Callable[[nn.Module], tuple] | None = None,
+          after_step: Callable[[nn.Module], None] | None = None) -> TrainRun:
+    """The training loop :func:`finetune` and :func:`almak.modeling.distill.distill` share: ``prepare(model)``
+    makes the trainable model (its parameters with ``requires_grad`` are what trains, is checkpointed and resumed),
+    ``batch_loss(model, ids, attn, labels)`` returns the summed loss of a batch's target tokens; ``optimizer(model)``
+    (default :func:`make_optimizer`) returns (optimizer, scheduler), ``after_step(model)`` runs after each
+    optimizer step. Writes
+    ``train_log.jsonl`` and checkpoints into ``out_dir``; the caller writes the result."""
     import almak
 
     out_dir = Path(out_dir)
@@ -409,15 +447,14 @@ def finetune(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneCo
         raise AlmakError(f"{config.data!r} holds no training pairs")
     examples = encode_examples(train_sets, tokenizer, prompt_family, config.max_len)
     valid_sets = validation_sets(config, [(ts.src, ts.tgt) for ts in train_sets])
-    base_ref = _base_ref(model, base_ref)
     ckpt = find_checkpoint(out_dir) if resume else None
     if ckpt is not None:  # refuse a different run before anything is built
         saved = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         _check_same_run(saved, config, base_ref, prompt_family)
 
     torch.manual_seed(config.seed)  # LoRA's initial A matrices
-    model = prepare_model(model, config)
-    optimizer, scheduler = make_optimizer(model, config)
+    model = prepare(model)
+    optimizer, scheduler = optimizer(model) if optimizer else make_optimizer(model, config)
     device = next(model.parameters()).device
     log_path = out_dir / "train_log.jsonl"
     if ckpt is not None:
@@ -440,7 +477,7 @@ def finetune(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneCo
     order = ExampleOrder(len(examples), config.seed)
     n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
     n_total = sum(p.numel() for p in model.parameters())
-    log.info("fine-tuning %d of %d parameters on %d examples (%s), from step %d of %d", n_trainable, n_total,
+    log.info("training %d of %d parameters on %d examples (%s), from step %d of %d", n_trainable, n_total,
              len(examples), ", ".join(ts.lang_pair for ts in train_sets), state["step"], config.steps)
     emit({"event": "start", "step": state["step"]})
     model.train()
@@ -455,16 +492,17 @@ def finetune(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneCo
             loss = 0.0
             for batch in micro:
                 ids, attn, labels = teacher_forcing_batch(batch, tokenizer.pad_token_id)
-                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-                nll, _ = target_nll(logits, labels)
-                (nll / n_target).backward()  # the step's loss is the mean over all its target tokens
-                loss += float(nll.detach()) / n_target
+                summed = batch_loss(model, ids.to(device), attn.to(device), labels.to(device))
+                (summed / n_target).backward()  # the step's loss is the mean over all its target tokens
+                loss += float(summed.detach()) / n_target
             grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable_parameters(model).values()),
                                                        config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_step:
+                after_step(model)
             if not math.isfinite(loss):
                 raise AlmakError(f"the training loss became {loss} at step {step}; lower --lr or use float32")
             state["step"] = step
@@ -494,16 +532,14 @@ def finetune(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneCo
         "val_sentences": sum(len(ts.sources) for ts in valid_sets),
         "trainable_parameters": n_trainable, "parameters": n_total, "seconds": round(seconds, 1),
     }
-    recipe = {
-        "command": "finetune", "method": "full" if config.full else "lora", "base_model": base_ref,
+    fields = {
         "prompt": prompt_family, "config": config.to_json(),
         "data": {"train": {ts.lang_pair: len(ts.sources) for ts in train_sets},
                  "valid": {ts.lang_pair: len(ts.sources) for ts in valid_sets}},
         **summary, "almak_version": almak.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_result(out_dir, model, tokenizer, config, base_ref, recipe)
-    return FinetuneResult(model, summary)
+    return TrainRun(model, summary, fields)
 
 
 def _check_same_run(saved: dict, config: FinetuneConfig, base_ref: str | None, family: str) -> None:

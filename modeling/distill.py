@@ -1,0 +1,294 @@
+"""Recovery of a compressed student from its float teacher by knowledge distillation (Hinton et al. 2015,
+"Distilling the Knowledge in a Neural Network"), on teacher-forced reference translations.
+
+The loss of each target token is ``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(reference)``,
+``p^T`` the softmax of the logits over ``T``; the ``T^2`` keeps the KD gradients' scale independent of T.
+
+The student keeps its structure, so that the result is a checkpoint of the same kind as the student:
+
+- pruned projections (2:4 ``Sparse24Linear`` or unstructured zeros in ``nn.Linear``) train their kept weights
+  only: the gradients of pruned weights are masked to zero, and the mask is applied again after every step;
+- quantized projections (``QuantLinear``) keep their integer codes and zero points and train their scales, as
+  in PEQA (Kim et al. 2023, "Memory-Efficient Fine-Tuning of Compressed Large Language Models via sub-4-bit
+  Integer Quantization"): the dequantized weight ``(q - z) * s`` is differentiable in ``s``. A LoRA merged
+  into the float weight and quantized again would mostly be rounded away (its update is far below half a
+  quantization step), so almak trains what the checkpoint stores;
+- 2:4 + int4 projections (``Sparse24QuantLinear``) train their scales the same way; a pruned code equals the
+  zero point, so it stays zero whatever the scale.
+
+Everything else (embeddings, norms, ``lm_head``) stays frozen.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from almak.errors import AlmakError
+from almak.modeling.finetune import FinetuneConfig, _base_ref, train
+from almak.modeling.quant_linear import QuantLinear
+from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
+from almak.modeling.surgery import set_module, sparsify_, target_linears
+
+# Full-weight rate for pruned students (ALMA's full fine-tune rate is 2e-5; a recovery run is short and starts
+# close to the teacher, so it can go faster) and the scale rate for quantized ones (PEQA used 5e-5 to 5e-4).
+PRUNED_LR, SCALES_LR = 5e-5, 2e-4
+
+
+@dataclass
+class DistillConfig(FinetuneConfig):
+    """How to distill: :class:`FinetuneConfig`'s data and schedule, plus the KD weight and temperature.
+
+    >>> DistillConfig(data="alma:de-en", alpha=0.5, temperature=2.0).alpha
+    0.5
+    """
+
+    alpha: float = 0.5  # weight of the KD term; 1 - alpha goes to the references' cross-entropy
+    temperature: float = 2.0
+    lr_pruned: float | None = None  # None: PRUNED_LR; lr (if given) applies to both kinds
+    lr_scales: float | None = None  # None: SCALES_LR
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.alpha <= 1:
+            raise AlmakError(f"alpha weighs KD against cross-entropy and must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise AlmakError(f"the temperature must be positive, got {self.temperature}")
+        if self.full:
+            raise AlmakError("distillation trains what the student's structure allows (kept weights, scales), "
+                             "not every weight")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else SCALES_LR
+
+    def rate(self, kind: str) -> float:
+        if self.lr is not None:
+            return self.lr
+        if kind == "pruned":
+            return self.lr_pruned if self.lr_pruned is not None else PRUNED_LR
+        return self.lr_scales if self.lr_scales is not None else SCALES_LR
+
+    def to_json(self) -> dict:
+        d = super().to_json()
+        for k in ("full", "lora_rank", "lora_alpha", "lora_dropout", "target_modules"):
+            d.pop(k, None)
+        d["lr"], d["lr_pruned"], d["lr_scales"] = self.lr, self.rate("pruned"), self.rate("scales")
+        return d
+
+
+class TrainableScales(nn.Module):
+    """A quantized projection whose scales train while its codes and zero points stay: ``y = x @ ((q - z) * s).T``.
+
+    Wraps a ``QuantLinear`` or ``Sparse24QuantLinear``; :meth:`finish` writes the trained scales back (in the
+    layer's scale dtype) and returns the layer.
+    """
+
+    def __init__(self, layer: QuantLinear | Sparse24QuantLinear):
+        super().__init__()
+        codes = layer.dense_codes() if isinstance(layer, Sparse24QuantLinear) else layer.codes()
+        zeros = layer.zeros()
+        self.layer = layer
+        self.group_size = layer.group_size
+        centered = codes.float()
+        if zeros is not None:
+            centered = centered - self._expand(zeros.float(), layer.in_features)
+        self.register_buffer("centered", centered, persistent=False)
+        self.scale = nn.Parameter(layer.weight_scale.detach().float().clone())
+
+    def _expand(self, per_group: torch.Tensor, cols: int) -> torch.Tensor:
+        """(N, groups) -> (N, cols): each group's value over its columns."""
+        if self.group_size == -1:
+            return per_group.expand(-1, cols)
+        return per_group.repeat_interleave(self.group_size, dim=1)[:, :cols]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = self.centered * self._expand(self.scale, self.centered.shape[1])
+        bias = self.layer.bias
+        return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @torch.no_grad()
+    def finish(self) -> QuantLinear | Sparse24QuantLinear:
+        self.layer.weight_scale.copy_(self.scale.to(self.layer.weight_scale.dtype))
+        self.layer._cpu_cache = {}
+        return self.layer
+
+
+@dataclass
+class Student:
+    """What :func:`prepare_student` made trainable: masks of pruned layers (True = pruned), scale wrappers."""
+
+    masks: dict[str, torch.Tensor]
+    scales: dict[str, TrainableScales]
+    stored_24: list[str]  # layers that were Sparse24Linear and go back to it
+
+    @property
+    def kind(self) -> str:
+        return " + ".join(k for k, v in (("pruned", self.masks), ("quantized", self.scales)) if v)
+
+
+def prepare_student(model: nn.Module, pruned: Iterable[str] = ()) -> Student:
+    """Freeze ``model`` except the kept weights of its pruned projections (its 2:4 layers and the dense ones named
+    in ``pruned``, as a checkpoint's sparsity report lists them) and the scales of its quantized ones."""
+    pruned = set(pruned)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    masks, scales, stored_24 = {}, {}, []
+    for name, module in target_linears(model):
+        if isinstance(module, Sparse24Linear):
+            stored_24.append(name)
+            module = module.to_linear()
+            set_module(model, name, module)
+        if type(module) is nn.Linear:
+            if name not in pruned and name not in stored_24:
+                continue  # a projection the pruner skipped: the teacher's own, frozen
+            mask = module.weight.detach() == 0
+            masks[name] = mask
+            module.weight.requires_grad_(True)
+            module.weight.register_hook(lambda g, keep=~mask: g * keep.to(g.dtype))
+        elif isinstance(module, (QuantLinear, Sparse24QuantLinear)):
+            wrapper = TrainableScales(module)
+            set_module(model, name, wrapper)
+            scales[name] = wrapper
+    if not masks and not scales:
+        raise AlmakError("the student has no pruned or quantized projections to recover: give an almak prune or "
+                         "almak quantize checkpoint (or distill the float model with almak finetune)")
+    if any(model.get_submodule(n).weight.dtype == torch.float16 for n in masks):
+        raise AlmakError("training float16 weights underflows in AdamW; load the student in float32 or bfloat16 "
+                         "(--dtype)")
+    return Student(masks, scales, stored_24)
+
+
+@torch.no_grad()
+def reapply_masks(model: nn.Module, student: Student) -> None:
+    for name, pruned in student.masks.items():
+        model.get_submodule(name).weight.masked_fill_(pruned, 0)
+
+
+def finish_student(model: nn.Module, student: Student) -> None:
+    """Undo :func:`prepare_student`'s wrappers: scales written back, 2:4 layers compressed again."""
+    for name, wrapper in student.scales.items():
+        set_module(model, name, wrapper.finish())
+    reapply_masks(model, student)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if student.stored_24:
+        done = sparsify_(model, names=student.stored_24)
+        if sorted(done) != sorted(student.stored_24):
+            raise AlmakError("a 2:4 layer lost its pattern in training; this is a bug in almak distill")
+
+
+def kd_loss(teacher: nn.Module, alpha: float, temperature: float) -> Callable[..., torch.Tensor]:
+    """The summed loss of a batch's target tokens (see the module docstring) as :func:`finetune.train` takes it."""
+    T = temperature
+
+    def batch_loss(student: nn.Module, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = student(input_ids=ids, attention_mask=attn).logits[:, :-1][keep].float()
+        loss = (1 - alpha) * F.cross_entropy(logits, target[keep], reduction="sum") if alpha < 1 else 0.0
+        if alpha > 0:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1][keep].float()
+            kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                          reduction="sum")
+            loss = loss + alpha * T * T * kl
+        return loss
+
+    return batch_loss
+
+
+@dataclass
+class DistillResult:
+    model: nn.Module  # the student, its structure restored, trained
+    summary: dict
+
+
+def distill(student: nn.Module, teacher: nn.Module, tokenizer, prompt_family: str, config: DistillConfig,
+            out_dir: str | Path, student_ref: str, teacher_ref: str, resume: bool = False,
+            progress: Callable[[dict], None] | None = None, overwrite: bool = False) -> DistillResult:
+    """Distill ``teacher`` into ``student`` (an almak quantize / prune checkpoint, loaded) on ``config.data`` and
+    write the student to ``out_dir`` as a checkpoint of its own kind, its recipe extended by a ``distill`` entry.
+
+    >>> s, t = load_model("runs/smollm-24"), load_model("smollm2-135m")                       # doctest: +SKIP
+    >>> distill(s.model, t.model, t.tokenizer, "alma", DistillConfig(data="alma:de-en", steps=100),
+    ...         "runs/smollm-24-kd", "runs/smollm-24", "smollm2-135m")                       # doctest: +SKIP
+    """
+    from almak.modeling.checkpoint import SPARSITY_REPORT_FILE, read_recipe, save_pruned, save_quantized
+
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    source = Path(student_ref)
+    base_recipe = read_recipe(source) if source.is_dir() else None
+    state: dict = {}
+
+    report = _sparsity_report(source, SPARSITY_REPORT_FILE)
+
+    def prepare(model: nn.Module) -> nn.Module:
+        state["student"] = prepare_student(model, report.get("pruned", ()))
+        return model
+
+    run = train(student, tokenizer, prompt_family, config, out_dir, prepare, kd_loss(teacher, config.alpha,
+                config.temperature), resume=resume, progress=progress, overwrite=overwrite,
+                base_ref=_base_ref(student, student_ref), optimizer=lambda m: _optimizer(m, state["student"], config),
+                after_step=lambda m: reapply_masks(m, state["student"]))
+    info = state["student"]
+    finish_student(run.model, info)
+    recipe = dict(base_recipe or {})
+    recipe["distill"] = {"student": student_ref, "teacher": teacher_ref, "trains": info.kind,
+                         "pruned_layers": len(info.masks), "quantized_layers": len(info.scales),
+                         **run.recipe_fields}
+    out = Path(out_dir)
+    _replace_workspace(out, lambda tmp: (
+        save_quantized(run.model, tokenizer, tmp, recipe) if info.scales else
+        save_pruned(run.model, tokenizer, tmp, recipe, report)))
+    return DistillResult(run.model, {**run.summary, "trains": info.kind})
+
+
+def _optimizer(model: nn.Module, student: Student, config: DistillConfig):
+    """AdamW with the kept weights at the pruned rate and the scales at the scales rate, no weight decay on
+    scales (they are the weight's magnitude, not a free parameter), the finetune schedule."""
+    from almak.modeling.finetune import schedule
+
+    groups = []
+    weights = [model.get_submodule(n).weight for n in student.masks]
+    scales = [w.scale for w in student.scales.values()]
+    if weights:
+        groups.append({"params": weights, "weight_decay": config.weight_decay, "lr": config.rate("pruned")})
+    if scales:
+        groups.append({"params": scales, "weight_decay": 0.0, "lr": config.rate("scales")})
+    optimizer = torch.optim.AdamW(groups)
+    return optimizer, schedule(optimizer, config)
+
+
+def _sparsity_report(source: Path, name: str) -> dict:
+    path = source / name
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {}
+
+
+def _replace_workspace(out: Path, write: Callable[[Path], object]) -> None:
+    """Write the checkpoint beside the run's workspace, then swap it in (the workspace holds train_log.jsonl,
+    which is kept in the result)."""
+    import os
+    import shutil
+    import tempfile
+
+    tmp_parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.result-", dir=out.parent))
+    try:
+        result = tmp_parent / "result"
+        write(result)
+        shutil.copyfile(out / "train_log.jsonl", result / "train_log.jsonl")
+        old = tmp_parent / "workspace"
+        os.replace(out, old)
+        os.replace(result, out)
+    finally:
+        shutil.rmtree(tmp_parent, ignore_errors=True)
+

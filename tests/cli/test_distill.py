@@ -1,0 +1,55 @@
+"""`almak distill` on a tiny random LLaMA: a 2:4 student recovered into a checkpoint eval takes, and refusals."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from almak.cli.main import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture(scope="module")
+def tsv(tmp_path_factory):
+    from almak.eval.data import load_testset
+
+    ts = load_testset("wmt22:de-en").head(12)
+    path = tmp_path_factory.mktemp("data") / "pairs.tsv"
+    path.write_text("".join(f"{s}\t{r}\n" for s, r in zip(ts.sources, ts.references)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def student(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("students") / "s24"
+    result = invoke("prune", str(tiny_llama_dir), "--method", "magnitude", "--pattern", "2:4", "--skip", "self_attn",
+                    "--device", "cpu", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_distill_writes_a_2_to_4_checkpoint(tiny_llama_dir, student, tsv, tmp_path):
+    out = tmp_path / "kd"
+    result = invoke("distill", str(student), "--teacher", str(tiny_llama_dir), "--data", str(tsv), "--lang-pair",
+                    "de-en", "--valid", str(tsv), "--valid-sentences", "4", "--steps", "3", "--batch-size", "2",
+                    "--grad-accum", "1", "--max-len", "64", "--lr", "1e-3", "--device", "cpu", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "valid ppl before / after" in result.output and "pruned; KD alpha 0.5 at T=2" in result.output
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert report == json.loads((student / "sparsity_report.json").read_text())
+    assert json.loads((out / "almak_recipe.json").read_text())["distill"]["steps"] == 3
+    result = invoke("eval", str(out), "--testset", str(tsv), "--lang-pair", "de-en", "--limit", "2", "--metrics", "nll",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "x"], "is not an almak prune or almak quantize checkpoint folder"),
+    (["--teacher", "x", "--alpha", "2"], "Invalid value for '--alpha'"),
+])
+def test_refusals(tiny_llama_dir, tmp_path, args, message):
+    result = invoke("distill", str(tiny_llama_dir), *args, "--out", str(tmp_path / "o"))
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,145 @@
+"""almak.modeling.distill on a tiny random LLaMA: the loss, structure kept (2:4 masks, int4 codes), recovery."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from almak.errors import AlmakError
+from almak.eval.data import DATA_DIR, read_json_records
+from almak.eval.metrics import target_nll, teacher_forcing_batch
+from almak.eval.prompts import Prompt
+from almak.modeling.checkpoint import save_pruned, save_quantized
+from almak.modeling.distill import DistillConfig, distill, kd_loss, prepare_student
+from almak.modeling.load import load_model
+from almak.modeling.quant_linear import QuantLinear
+from almak.modeling.sparse_linear import Sparse24Linear
+from almak.modeling.surgery import QuantConfig, quantize_, sparsify_, target_linears
+from almak.sparse.masks import apply_mask_, nm_mask
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    records = read_json_records(DATA_DIR / "calib" / "train.de-en.jsonl")[:16]
+    path = tmp_path_factory.mktemp("data") / "train.de-en.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+
+
+def config(pairs_file, **kw):
+    fields = dict(data=str(pairs_file), valid=str(pairs_file), valid_sentences=8, steps=6, batch_size=4,
+                  grad_accum=1, max_len=96, eval_every=0, save_every=0, lr=2e-3)
+    fields.update(kw)
+    return DistillConfig(**fields)
+
+
+def pruned_student(teacher, folder, only=("gate_proj", "up_proj")):
+    """Magnitude 2:4 on the MLP's gate/up projections, stored 2:4; the rest dense (skipped by the pruner)."""
+    model = copy.deepcopy(teacher.model)
+    names = [n for n, _ in target_linears(model) if n.rsplit(".", 1)[-1] in only]
+    for name in names:
+        linear = model.get_submodule(name)
+        apply_mask_(linear, nm_mask(linear.weight.abs(), 2, 4))
+    sparsify_(model, names=names)
+    save_pruned(model, teacher.tokenizer, folder, {"method": "magnitude", "pattern": "2:4"}, {"pruned": names})
+    return load_model(str(folder), device="cpu", dtype="float32"), names
+
+
+def quantized_student(teacher, folder):
+    model = copy.deepcopy(teacher.model)
+    quantize_(model, QuantConfig(bits=4, group_size=32))
+    save_quantized(model, teacher.tokenizer, folder, {"method": "rtn", "bits": 4, "group_size": 32})
+    return load_model(str(folder), device="cpu", dtype="float32")
+
+
+def batch(teacher, pairs_file):
+    ts = read_json_records(pairs_file)[:3]
+    seqs = Prompt("alma", "de", "en").encode_many([r["translation"]["de"] for r in ts],
+                                                  [r["translation"]["en"] for r in ts], teacher.tokenizer)
+    return teacher_forcing_batch(seqs, teacher.tokenizer.pad_token_id)
+
+
+def test_kd_loss_is_cross_entropy_at_alpha_0_and_zero_against_itself(teacher, pairs_file):
+    ids, attn, labels = batch(teacher, pairs_file)
+    model = teacher.model
+    with torch.no_grad():
+        ce = target_nll(model(input_ids=ids, attention_mask=attn).logits, labels)[0]
+        assert torch.allclose(kd_loss(model, 0.0, 2.0)(model, ids, attn, labels), ce)
+        assert abs(float(kd_loss(model, 1.0, 2.0)(model, ids, attn, labels))) < 1e-3  # KL of a model to itself
+        mixed = kd_loss(model, 0.25, 1.0)(model, ids, attn, labels)
+        assert torch.allclose(mixed, 0.75 * ce, atol=1e-3)
+
+
+def test_pruned_student_recovers_and_stays_2_to_4(teacher, pairs_file, tmp_path):
+    student, names = pruned_student(teacher, tmp_path / "s24")
+    before = {n: student.model.get_submodule(n).dense_weight().clone() for n in names}
+    result = distill(student.model, teacher.model, teacher.tokenizer, "alma", config(pairs_file, lr=None, lr_pruned=3e-3),
+                     tmp_path / "kd", str(tmp_path / "s24"), "tiny")
+    s = result.summary
+    assert s["val_ppl_after"] < s["val_ppl_before"] and s["trains"] == "pruned"
+    out = load_model(str(tmp_path / "kd"), device="cpu", dtype="float32").model
+    for name, module in target_linears(out):
+        if name in names:
+            assert isinstance(module, Sparse24Linear)
+            W, W0 = module.dense_weight(), before[name]
+            assert torch.equal(W == 0, W0 == 0)  # the same pattern: pruned weights stayed zero, none was added
+            assert not torch.equal(W, W0)  # the kept ones trained
+        else:  # skipped by the pruner: the teacher's own, frozen
+            assert torch.equal(module.weight, teacher.model.get_submodule(name).weight)
+    recipe = json.loads((tmp_path / "kd" / "almak_recipe.json").read_text())
+    assert recipe["method"] == "magnitude" and recipe["distill"]["teacher"] == "tiny"
+    assert json.loads((tmp_path / "kd" / "sparsity_report.json").read_text())["pruned"] == names
+    assert (tmp_path / "kd" / "train_log.jsonl").is_file()
+
+
+def test_quantized_student_keeps_codes_and_trains_scales(teacher, pairs_file, tmp_path):
+    student = quantized_student(teacher, tmp_path / "w4")
+    codes = {n: m.codes().clone() for n, m in target_linears(student.model)}
+    scales = {n: m.weight_scale.clone() for n, m in target_linears(student.model)}
+    result = distill(student.model, teacher.model, teacher.tokenizer, "alma", config(pairs_file, lr=1e-2),
+                     tmp_path / "kd", str(tmp_path / "w4"), "tiny")
+    assert result.summary["val_ppl_after"] < result.summary["val_ppl_before"]
+    assert result.summary["trains"] == "quantized"
+    out = load_model(str(tmp_path / "kd"), device="cpu", dtype="float32").model
+    changed = 0
+    for name, module in target_linears(out):
+        assert isinstance(module, QuantLinear) and module.bits == 4 and module.group_size == 32
+        assert torch.equal(module.codes(), codes[name])
+        changed += not torch.equal(module.weight_scale, scales[name])
+    assert changed == len(codes)
+    assert all(torch.equal(p, q) for p, q in zip(out.model.embed_tokens.parameters(),
+                                                 teacher.model.model.embed_tokens.parameters()))
+
+
+def test_trainable_scales_compute_the_quantized_layer(teacher):
+    """The training forward (q - z) * s equals QuantLinear's own, asymmetric and per-channel included."""
+    from almak.modeling.distill import TrainableScales
+
+    linear = nn.Linear(96, 64)
+    x = torch.randn(5, 96)
+    for bits, group, sym in ((4, 32, True), (4, 64, False), (8, -1, True)):
+        layer = QuantLinear.from_float(linear, bits=bits, group_size=group, sym=sym)
+        with torch.no_grad():
+            torch.testing.assert_close(TrainableScales(layer)(x), F_linear(x, layer), rtol=1e-4, atol=1e-4)
+
+
+def F_linear(x, layer):
+    return torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias)
+
+
+def test_refuses_a_student_with_nothing_to_recover(teacher):
+    with pytest.raises(AlmakError, match="no pruned or quantized projections"):
+        prepare_student(copy.deepcopy(teacher.model))
+
+
+def test_config_refusals():
+    with pytest.raises(AlmakError, match="alpha"):
+        DistillConfig(alpha=1.5)
+    with pytest.raises(AlmakError, match="temperature"):
+        DistillConfig(temperature=0)
