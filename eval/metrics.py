@@ -124,6 +124,27 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return F.cross_entropy(logits[:, :-1][mask].float(), target[mask], reduction="sum"), int(mask.sum())
 
 
+def target_logits(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict the labelled tokens, (n, vocab), and those tokens, (n,).
+
+    The vocabulary projection runs only over the positions between the first and the last that predict a target in
+    some row (``logits_to_keep``): in training batches the prompts are about half the tokens, and on a 49k
+    vocabulary the projection and its logits are a large part of the cost. The logits are the same.
+    """
+    target = labels[:, 1:].to(ids.device)
+    mask = target != -100
+    cols = mask.any(0).nonzero().flatten()
+    if not len(cols):
+        raise ValueError("the batch has no labelled tokens")
+    a, b = int(cols[0]), int(cols[-1]) + 1
+    try:
+        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=torch.arange(a, b, device=ids.device)).logits
+    except TypeError:  # a model without logits_to_keep: all positions, then the same span
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, a:b]
+    keep = mask[:, a:b]
+    return logits[keep], target[:, a:b][keep]
+
+
 @torch.inference_mode()
 def reference_nll(model, tokenizer, sources: list[str], refs: list[str], prompt: Prompt,
                   batch_size: int = 8, progress: Callable[[int], None] | None = None) -> NLL:

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from almak.errors import AlmakError
+from almak.eval.metrics import target_logits
 from almak.modeling.finetune import FinetuneConfig, _base_ref, train
 from almak.modeling.quant_linear import QuantLinear
 from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
@@ -188,13 +189,12 @@ def kd_loss(teacher: nn.Module, alpha: float, temperature: float) -> Callable[..
     T = temperature
 
     def batch_loss(student: nn.Module, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        target = labels[:, 1:]
-        keep = target != -100
-        logits = student(input_ids=ids, attention_mask=attn).logits[:, :-1][keep].float()
-        loss = (1 - alpha) * F.cross_entropy(logits, target[keep], reduction="sum") if alpha < 1 else 0.0
+        logits, target = target_logits(student, ids, attn, labels)
+        logits = logits.float()
+        loss = (1 - alpha) * F.cross_entropy(logits, target, reduction="sum") if alpha < 1 else 0.0
         if alpha > 0:
             with torch.no_grad():
-                t_logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1][keep].float()
+                t_logits = target_logits(teacher, ids, attn, labels)[0].float()
             kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
                           reduction="sum")
             loss = loss + alpha * T * T * kl

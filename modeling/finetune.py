@@ -32,10 +32,11 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from almak.errors import AlmakError
 from almak.eval.data import ALMA_DIRECTIONS, TestSet, alma_parallel, load_testset, read_json_records
-from almak.eval.metrics import NLL, reference_nll, target_nll, teacher_forcing_batch
+from almak.eval.metrics import NLL, reference_nll, target_logits, teacher_forcing_batch
 from almak.eval.prompts import Prompt, parse_lang_pair
 
 log = logging.getLogger(__name__)
@@ -415,8 +416,8 @@ def finetune(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneCo
 
 def nll_loss(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed NLL of the target tokens: the fine-tuning loss of one batch."""
-    logits = model(input_ids=ids, attention_mask=attn).logits
-    return target_nll(logits, labels)[0]
+    logits, target = target_logits(model, ids, attn, labels)
+    return F.cross_entropy(logits.float(), target, reduction="sum")
 
 
 @dataclass

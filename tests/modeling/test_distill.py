@@ -143,3 +143,26 @@ def test_config_refusals():
         DistillConfig(alpha=1.5)
     with pytest.raises(AlmakError, match="temperature"):
         DistillConfig(temperature=0)
+
+
+def test_resume_gives_the_uninterrupted_result(teacher, pairs_file, tmp_path):
+    """Stopped after its step-2 checkpoint and resumed, a 4-step run ends with the same scales as a run that was
+    never stopped (the optimizer's per-group rates and state come back too)."""
+    student = quantized_student(teacher, tmp_path / "w4")
+    cfg = dict(steps=4, save_every=2, lr=None, lr_scales=1e-2)
+    whole = distill(copy.deepcopy(student.model), teacher.model, teacher.tokenizer, "alma", config(pairs_file, **cfg),
+                    tmp_path / "whole", str(tmp_path / "w4"), "tiny").model
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_2(event):
+        if event["event"] == "step" and event["step"] == 3:
+            raise Stop
+    with pytest.raises(Stop):
+        distill(copy.deepcopy(student.model), teacher.model, teacher.tokenizer, "alma", config(pairs_file, **cfg),
+                tmp_path / "cut", str(tmp_path / "w4"), "tiny", progress=stop_after_2)
+    resumed = distill(copy.deepcopy(student.model), teacher.model, teacher.tokenizer, "alma",
+                      config(pairs_file, **cfg), tmp_path / "cut", str(tmp_path / "w4"), "tiny", resume=True).model
+    for (name, a), (_, b) in zip(target_linears(whole), target_linears(resumed)):
+        assert torch.equal(a.weight_scale, b.weight_scale), name
