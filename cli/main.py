@@ -679,6 +679,35 @@ def score(src_path, hyp_path, ref_path, lang_pair, metrics, comet_model, fmt_):
 # The CLI takes finetune's defaults from the library's config.
 from almak.modeling.finetune import FinetuneConfig  # noqa: E402
 
+
+def training_events(bar):
+    """A finetune / distill progress callback that advances ``bar`` and shows the loss and validation ppl."""
+    post = {}
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "start":
+            bar.update(event["step"] - bar.n)
+            return
+        if event["event"] == "step":
+            bar.update(1)
+            post["loss"] = f"{event['loss']:.3f}"
+        else:
+            post["val_ppl"] = f"{event['ppl']:.2f}"
+        bar.set_postfix(post, refresh=False)
+
+    return on_event
+
+
+def training_device(device: str, dtype: str) -> tuple[str, str]:
+    """auto device: cuda if present; auto dtype: bfloat16 on a GPU that has it, float32 otherwise."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
 FINETUNE_DEFAULTS = FinetuneConfig()
 
 
@@ -767,29 +796,13 @@ def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lo
     out = Path(out_dir)
     check_output(out, resume, overwrite)
     load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading the model
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    device, dtype = training_device(device, dtype)
     lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
     family = prompt_family or guess_family(lm.ref, lm.tokenizer)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with progress_bar("finetune", config.steps, unit="step") as bar:
-        post = {}
-
-        def on_event(event: dict) -> None:
-            if event["event"] == "start":
-                bar.update(event["step"] - bar.n)
-                return
-            if event["event"] == "step":
-                bar.update(1)
-                post["loss"] = f"{event['loss']:.3f}"
-            else:
-                post["val_ppl"] = f"{event['ppl']:.2f}"
-            bar.set_postfix(post, refresh=False)
-
-        result = run_finetune(lm.model, lm.tokenizer, family, config, out, resume=resume, progress=on_event,
+        result = run_finetune(lm.model, lm.tokenizer, family, config, out, resume=resume, progress=training_events(bar),
                               overwrite=overwrite, base_ref=lm.ref)
     s = result.summary
     if full:
@@ -900,31 +913,15 @@ def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, te
     if Path(student).resolve() == out.resolve():
         raise AlmakError("--out must not be the student's own folder")
     load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading models
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    device, dtype = training_device(device, dtype)
     t = load_model(teacher, device=device, dtype=dtype)
     s = load_model(student, device=device, dtype=dtype)
     family = prompt_family or guess_family(t.ref, t.tokenizer)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with progress_bar("distill", config.steps, unit="step") as bar:
-        post = {}
-
-        def on_event(event: dict) -> None:
-            if event["event"] == "start":
-                bar.update(event["step"] - bar.n)
-                return
-            if event["event"] == "step":
-                bar.update(1)
-                post["loss"] = f"{event['loss']:.3f}"
-            else:
-                post["val_ppl"] = f"{event['ppl']:.2f}"
-            bar.set_postfix(post, refresh=False)
-
         result = run_distill(s.model, t.model, s.tokenizer, family, config, out, student_ref=student,
-                             teacher_ref=t.ref, resume=resume, progress=on_event, overwrite=overwrite)
+                             teacher_ref=t.ref, resume=resume, progress=training_events(bar), overwrite=overwrite)
     r = result.summary
     per_step = config.batch_size * config.grad_accum
     print_table([

@@ -35,3 +35,27 @@ def tiny_llama_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory):
+    """16 ALMA de-en training pairs, as a file named for its direction (finetune and distill runs)."""
+    import json
+
+    from almak.eval.data import DATA_DIR, read_json_records
+
+    records = read_json_records(DATA_DIR / "calib" / "train.de-en.jsonl")[:16]
+    path = tmp_path_factory.mktemp("data") / "train.de-en.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tsv(tmp_path_factory):
+    """The first 12 WMT22 de-en pairs as a source<TAB>reference file."""
+    from almak.eval.data import load_testset
+
+    ts = load_testset("wmt22:de-en").head(12)
+    path = tmp_path_factory.mktemp("data") / "pairs.tsv"
+    path.write_text("".join(f"{s}\t{r}\n" for s, r in zip(ts.sources, ts.references)), encoding="utf-8")
+    return path

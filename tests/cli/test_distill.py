@@ -12,16 +12,6 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def tsv(tmp_path_factory):
-    from almak.eval.data import load_testset
-
-    ts = load_testset("wmt22:de-en").head(12)
-    path = tmp_path_factory.mktemp("data") / "pairs.tsv"
-    path.write_text("".join(f"{s}\t{r}\n" for s, r in zip(ts.sources, ts.references)), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def student(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("students") / "s24"
     result = invoke("prune", str(tiny_llama_dir), "--method", "magnitude", "--pattern", "2:4", "--skip", "self_attn",

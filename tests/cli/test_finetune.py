@@ -13,16 +13,6 @@ def invoke(*args, input=None):
     return CliRunner().invoke(main, list(args), input=input)
 
 
-@pytest.fixture(scope="module")
-def tsv(tmp_path_factory):
-    from almak.eval.data import load_testset
-
-    ts = load_testset("wmt22:de-en").head(12)
-    path = tmp_path_factory.mktemp("data") / "pairs.tsv"
-    path.write_text("".join(f"{s}\t{r}\n" for s, r in zip(ts.sources, ts.references)), encoding="utf-8")
-    return path
-
-
 def test_lora_run_writes_an_adapter_that_translates(tiny_llama_dir, tsv, tmp_path):
     out = tmp_path / "ft"
     result = invoke("finetune", str(tiny_llama_dir), "--data", str(tsv), "--lang-pair", "de-en", "--valid", str(tsv),

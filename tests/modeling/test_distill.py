@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.eval.data import DATA_DIR, read_json_records
+from almak.eval.data import read_json_records
 from almak.eval.metrics import target_nll, teacher_forcing_batch
 from almak.eval.prompts import Prompt
 from almak.modeling.checkpoint import save_pruned, save_quantized
@@ -17,14 +17,6 @@ from almak.modeling.quant_linear import QuantLinear
 from almak.modeling.sparse_linear import Sparse24Linear
 from almak.modeling.surgery import QuantConfig, quantize_, sparsify_, target_linears
 from almak.sparse.masks import apply_mask_, nm_mask
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    records = read_json_records(DATA_DIR / "calib" / "train.de-en.jsonl")[:16]
-    path = tmp_path_factory.mktemp("data") / "train.de-en.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from almak.errors import AlmakError
-from almak.eval.data import DATA_DIR, read_json_records
 from almak.eval.metrics import target_nll, teacher_forcing_batch
 from almak.eval.prompts import Prompt
 from almak.modeling.finetune import (ExampleOrder, FinetuneConfig, encode_examples, finetune, load_pairs,
@@ -13,15 +12,6 @@ from almak.modeling.finetune import (ExampleOrder, FinetuneConfig, encode_exampl
 from almak.modeling.load import load_model
 
 pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    """16 ALMA de-en training pairs, as a file named for its direction."""
-    records = read_json_records(DATA_DIR / "calib" / "train.de-en.jsonl")[:16]
-    path = tmp_path_factory.mktemp("data") / "train.de-en.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def small(pairs_file, **kw):
