@@ -802,8 +802,8 @@ def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lo
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with progress_bar("finetune", config.steps, unit="step") as bar:
-        result = run_finetune(lm.model, lm.tokenizer, family, config, out, resume=resume, progress=training_events(bar),
-                              overwrite=overwrite, base_ref=lm.ref)
+        result = run_finetune(lm.model, lm.tokenizer, family, config, out, resume=resume,
+                              progress=training_events(bar), overwrite=overwrite, base_ref=lm.ref)
     s = result.summary
     if full:
         method = "full (every weight)"

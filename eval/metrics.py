@@ -124,7 +124,8 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return F.cross_entropy(logits[:, :-1][mask].float(), target[mask], reduction="sum"), int(mask.sum())
 
 
-def target_logits(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logits(model, ids: torch.Tensor, attn: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits that predict the labelled tokens, (n, vocab), and those tokens, (n,).
 
     The vocabulary projection runs only over the positions between the first and the last that predict a target in

@@ -223,10 +223,10 @@ def kernel_configs(path: str, interpret: bool = not AUTOTUNE) -> list[triton.Con
     UNMEASURED: written without a GPU. The decode list spans strips of 32..256 output channels and
     2..16-way split-K (4096 / 64 channels x 8 splits = 512 programs ~ 4 per H100 SM); the prefill list is
     the tutorial's fp16 list cut to BLOCK_SIZE_K <= 128 (tiles then sit inside one group of 128 or more).
-    Under the interpreter (and with ALMAK_AUTOTUNE=0) one config each: blocks of 128 (3x faster there than 64, measured on the tests'
-    shapes) that still leave every test shape a ragged N or K edge (192, 576, 1000, 64), group sizes on
-    both sides of BLOCK_SIZE_K (32, 64 < 128 <= 128, per-channel), and SPLIT_K = 2 so that the atomic
-    reduction runs.
+    Under the interpreter (and with ALMAK_AUTOTUNE=0) one config each: blocks of 128 (3x faster there than 64,
+    measured on the tests' shapes) that still leave every test shape a ragged N or K edge (192, 576, 1000,
+    64), group sizes on both sides of BLOCK_SIZE_K (32, 64 < 128 <= 128, per-channel), and SPLIT_K = 2 so
+    that the atomic reduction runs.
     """
     if path == "decode":
         if interpret:

@@ -21,6 +21,7 @@ Everything else (embeddings, norms, ``lm_head``) stays frozen.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -35,6 +36,7 @@ from almak.modeling.finetune import FinetuneConfig, _base_ref, train
 from almak.modeling.quant_linear import QuantLinear
 from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
 from almak.modeling.surgery import set_module, sparsify_, target_linears
+from almak.quant.pack import dequantize_groupwise
 
 # Full-weight rate for pruned students (ALMA's full fine-tune rate is 2e-5; a recovery run is short and starts
 # close to the teacher, so it can go faster) and the scale rate for quantized ones (PEQA used 5e-5 to 5e-4).
@@ -64,10 +66,6 @@ class DistillConfig(FinetuneConfig):
             raise AlmakError("distillation trains what the student's structure allows (kept weights, scales), "
                              "not every weight")
 
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else SCALES_LR
-
     def rate(self, kind: str) -> float:
         if self.lr is not None:
             return self.lr
@@ -93,23 +91,14 @@ class TrainableScales(nn.Module):
     def __init__(self, layer: QuantLinear | Sparse24QuantLinear):
         super().__init__()
         codes = layer.dense_codes() if isinstance(layer, Sparse24QuantLinear) else layer.codes()
-        zeros = layer.zeros()
         self.layer = layer
-        self.group_size = layer.group_size
-        centered = codes.float()
-        if zeros is not None:
-            centered = centered - self._expand(zeros.float(), layer.in_features)
+        # q - z, once: dequantize_groupwise with unit scales
+        centered = dequantize_groupwise(codes, torch.ones_like(layer.weight_scale), layer.zeros(), layer.group_size)
         self.register_buffer("centered", centered, persistent=False)
         self.scale = nn.Parameter(layer.weight_scale.detach().float().clone())
 
-    def _expand(self, per_group: torch.Tensor, cols: int) -> torch.Tensor:
-        """(N, groups) -> (N, cols): each group's value over its columns."""
-        if self.group_size == -1:
-            return per_group.expand(-1, cols)
-        return per_group.repeat_interleave(self.group_size, dim=1)[:, :cols]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self.centered * self._expand(self.scale, self.centered.shape[1])
+        W = dequantize_groupwise(self.centered, self.scale, None, self.layer.group_size)
         bias = self.layer.bias
         return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -219,6 +208,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, prompt_family: st
     >>> distill(s.model, t.model, t.tokenizer, "alma", DistillConfig(data="alma:de-en", steps=100),
     ...         "runs/smollm-24-kd", "runs/smollm-24", "smollm2-135m")                       # doctest: +SKIP
     """
+    from almak.eval.evaluate import write_dir_atomic
     from almak.modeling.checkpoint import SPARSITY_REPORT_FILE, read_recipe, save_pruned, save_quantized
 
     teacher.eval()
@@ -245,9 +235,15 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, prompt_family: st
                          "pruned_layers": len(info.masks), "quantized_layers": len(info.scales),
                          **run.recipe_fields}
     out = Path(out_dir)
-    _replace_workspace(out, lambda tmp: (
-        save_quantized(run.model, tokenizer, tmp, recipe) if info.scales else
-        save_pruned(run.model, tokenizer, tmp, recipe, report)))
+
+    def fill(tmp: Path) -> None:  # tmp is an empty folder: the checkpoint writers replace it (overwrite)
+        if info.scales:
+            save_quantized(run.model, tokenizer, tmp, recipe, overwrite=True)
+        else:
+            save_pruned(run.model, tokenizer, tmp, recipe, report, overwrite=True)
+        shutil.copyfile(out / "train_log.jsonl", tmp / "train_log.jsonl")
+
+    write_dir_atomic(out, fill)  # the run's workspace (checkpoint, log) gives way to the result in one rename
     return DistillResult(run.model, {**run.summary, "trains": info.kind})
 
 
@@ -272,23 +268,4 @@ def _sparsity_report(source: Path, name: str) -> dict:
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     return {}
-
-
-def _replace_workspace(out: Path, write: Callable[[Path], object]) -> None:
-    """Write the checkpoint beside the run's workspace, then swap it in (the workspace holds train_log.jsonl,
-    which is kept in the result)."""
-    import os
-    import shutil
-    import tempfile
-
-    tmp_parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.result-", dir=out.parent))
-    try:
-        result = tmp_parent / "result"
-        write(result)
-        shutil.copyfile(out / "train_log.jsonl", result / "train_log.jsonl")
-        old = tmp_parent / "workspace"
-        os.replace(out, old)
-        os.replace(result, out)
-    finally:
-        shutil.rmtree(tmp_parent, ignore_errors=True)
 

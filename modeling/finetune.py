@@ -436,8 +436,7 @@ def train(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfi
     makes the trainable model (its parameters with ``requires_grad`` are what trains, is checkpointed and resumed),
     ``batch_loss(model, ids, attn, labels)`` returns the summed loss of a batch's target tokens; ``optimizer(model)``
     (default :func:`make_optimizer`) returns (optimizer, scheduler), ``after_step(model)`` runs after each
-    optimizer step. Writes
-    ``train_log.jsonl`` and checkpoints into ``out_dir``; the caller writes the result."""
+    optimizer step. Writes ``train_log.jsonl`` and checkpoints into ``out_dir``; the caller writes the result."""
     import almak
 
     out_dir = Path(out_dir)

@@ -71,8 +71,8 @@ def test_kd_loss_is_cross_entropy_at_alpha_0_and_zero_against_itself(teacher, pa
 def test_pruned_student_recovers_and_stays_2_to_4(teacher, pairs_file, tmp_path):
     student, names = pruned_student(teacher, tmp_path / "s24")
     before = {n: student.model.get_submodule(n).dense_weight().clone() for n in names}
-    result = distill(student.model, teacher.model, teacher.tokenizer, "alma", config(pairs_file, lr=None, lr_pruned=3e-3),
-                     tmp_path / "kd", str(tmp_path / "s24"), "tiny")
+    result = distill(student.model, teacher.model, teacher.tokenizer, "alma",
+                     config(pairs_file, lr=None, lr_pruned=3e-3), tmp_path / "kd", str(tmp_path / "s24"), "tiny")
     s = result.summary
     assert s["val_ppl_after"] < s["val_ppl_before"] and s["trains"] == "pruned"
     out = load_model(str(tmp_path / "kd"), device="cpu", dtype="float32").model
