@@ -48,8 +48,9 @@ bench-kernels: $(VENV)/.installed
 # and en-de pairs, then the adapter weights stored as float16 (half the bytes; they load back into float32).
 MT_RUN ?= runs/smollm2-135m-mt
 smollm2-135m-mt: $(VENV)/.installed
-	$(VENV)/bin/almak finetune smollm2-135m --data alma:de-en,en-de --lora-rank 8 --lora-alpha 16 --lr 5e-4 \
-		--steps 200 --batch-size 8 --grad-accum 2 --eval-every 50 --save-every 50 --valid-sentences 100 \
+	$(VENV)/bin/almak finetune smollm2-135m --data alma:de-en,en-de --lora-rank 16 --lora-alpha 32 --lr 5e-4 \
+		--steps 400 --batch-size 8 --grad-accum 2 --bf16 --group-by-length --eval-every 100 --save-every 100 \
+		--valid-sentences 100 \
 		--out $(MT_RUN) $(if $(wildcard $(MT_RUN)/checkpoint),--resume,)
 	rm -rf data/adapters/smollm2-135m-mt && mkdir -p data/adapters/smollm2-135m-mt
 	cp $(MT_RUN)/adapter_config.json $(MT_RUN)/almak_finetune.json $(MT_RUN)/train_log.jsonl data/adapters/smollm2-135m-mt/

@@ -677,7 +677,7 @@ def score(src_path, hyp_path, ref_path, lang_pair, metrics, comet_model, fmt_):
 
 
 # The CLI takes finetune's defaults from the library's config.
-from almak.modeling.finetune import FinetuneConfig  # noqa: E402
+from almak.modeling.finetune import GROUP_STEPS, FinetuneConfig  # noqa: E402
 
 
 def training_events(bar):
@@ -741,6 +741,13 @@ FINETUNE_DEFAULTS = FinetuneConfig()
               help="Forward passes per optimizer step (a step sees batch-size x grad-accum examples).")
 @click.option("--max-len", type=click.IntRange(min=16), default=FINETUNE_DEFAULTS.max_len, show_default=True,
               help="Tokens per example, prompt and target; longer targets are cut.")
+@click.option("--bf16", is_flag=True,
+              help="Mixed precision: the forward and backward passes run under torch.autocast in bfloat16 while the "
+                   "weights, the trained parameters and the optimizer stay in --dtype (CPUs with AVX-512 BF16 and "
+                   "GPUs from Ampere on). Validation stays in --dtype.")
+@click.option("--group-by-length", is_flag=True,
+              help=f"Sort the examples of every {GROUP_STEPS} steps by length into micro-batches, dealt out to those "
+                   "steps in a seeded random order: less padding, so faster steps.")
 @click.option("--warmup", type=float, default=FINETUNE_DEFAULTS.warmup, show_default=True,
               help="Fraction of the steps over which the learning rate rises linearly.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=FINETUNE_DEFAULTS.eval_every, show_default=True,
@@ -762,7 +769,7 @@ FINETUNE_DEFAULTS = FinetuneConfig()
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out (same settings).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lora_alpha, lora_dropout, steps, lr,
-             batch_size, grad_accum, max_len, warmup, eval_every, save_every, seed, prompt_family, device, dtype,
+             batch_size, grad_accum, max_len, bf16, group_by_length, warmup, eval_every, save_every, seed, prompt_family, device, dtype,
              out_dir, resume, overwrite):
     """Fine-tune MODEL on human-written parallel data (ALMA's second stage), with LoRA or --full.
 
@@ -791,8 +798,8 @@ def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lo
         lora_rank=d.lora_rank if lora_rank is None else lora_rank,
         lora_alpha=d.lora_alpha if lora_alpha is None else lora_alpha,
         lora_dropout=d.lora_dropout if lora_dropout is None else lora_dropout,
-        steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, warmup=warmup,
-        eval_every=eval_every, save_every=save_every, seed=seed)
+        steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, bf16=bf16,
+        group_by_length=group_by_length, warmup=warmup, eval_every=eval_every, save_every=save_every, seed=seed)
     out = Path(out_dir)
     check_output(out, resume, overwrite)
     load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading the model
@@ -859,6 +866,13 @@ DISTILL_DEFAULTS = DistillConfig(steps=200)
               help="Forward passes per optimizer step.")
 @click.option("--max-len", type=click.IntRange(min=16), default=DISTILL_DEFAULTS.max_len, show_default=True,
               help="Tokens per example, prompt and target; longer targets are cut.")
+@click.option("--bf16", is_flag=True,
+              help="Mixed precision: the forward and backward passes run under torch.autocast in bfloat16 while the "
+                   "weights, the trained parameters and the optimizer stay in --dtype (CPUs with AVX-512 BF16 and "
+                   "GPUs from Ampere on). Validation stays in --dtype.")
+@click.option("--group-by-length", is_flag=True,
+              help=f"Sort the examples of every {GROUP_STEPS} steps by length into micro-batches, dealt out to those "
+                   "steps in a seeded random order: less padding, so faster steps.")
 @click.option("--warmup", type=float, default=DISTILL_DEFAULTS.warmup, show_default=True,
               help="Fraction of the steps over which the learning rate rises linearly.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=DISTILL_DEFAULTS.eval_every, show_default=True,
@@ -877,7 +891,7 @@ DISTILL_DEFAULTS = DistillConfig(steps=200)
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out (same settings).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, temperature, steps, lr, batch_size,
-            grad_accum, max_len, warmup, eval_every, save_every, seed, prompt_family, device, dtype, out_dir, resume,
+            grad_accum, max_len, bf16, group_by_length, warmup, eval_every, save_every, seed, prompt_family, device, dtype, out_dir, resume,
             overwrite):
     """Recover a pruned or quantized STUDENT by distilling its float --teacher on parallel data.
 
@@ -904,7 +918,8 @@ def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, te
 
     config = DistillConfig(data=data, lang_pair=lang_pair, valid=valid, valid_sentences=valid_sentences, alpha=alpha,
                            temperature=temperature, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                           max_len=max_len, warmup=warmup, eval_every=eval_every, save_every=save_every, seed=seed)
+                           max_len=max_len, bf16=bf16, group_by_length=group_by_length, warmup=warmup,
+                           eval_every=eval_every, save_every=save_every, seed=seed)
     out = Path(out_dir)
     check_output(out, resume, overwrite)
     if not Path(student).is_dir() or not ((Path(student) / "sparsity_report.json").is_file()

@@ -78,6 +78,8 @@ class FinetuneConfig:
     warmup: float = 0.01  # fraction of the steps with a linearly rising rate (ALMA: 0.01); then linear decay to 0
     weight_decay: float = 0.01  # AdamW, on matrices only (ALMA: 0.01)
     max_grad_norm: float = 1.0
+    bf16: bool = False  # mixed precision: forward and backward under torch.autocast to bfloat16
+    group_by_length: bool = False  # micro-batches of similar lengths (less padding), see BatchPlan
     eval_every: int = 100  # steps between validations (0: before and after only)
     save_every: int = 100  # steps between checkpoints (0: none)
     seed: int = 0
@@ -206,6 +208,40 @@ class ExampleOrder:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}
         return self._perms[epoch][i]
+
+
+GROUP_STEPS = 16  # with group_by_length: the steps whose examples are sorted by length together
+
+
+class BatchPlan:
+    """The micro-batches (example indices) of each optimizer step, a function of the step alone, so that a resumed
+    run goes on as the uninterrupted one would have.
+
+    Step ``k`` (1-based) takes the next ``batch_size * grad_accum`` examples of :class:`ExampleOrder`. With
+    ``group_by_length`` the examples of every ``GROUP_STEPS`` steps are sorted by length and cut into
+    micro-batches, which are then dealt out to those steps in a seeded random order: each forward pass pads to
+    a similar length, and each step still sees the same examples in expectation.
+    """
+
+    def __init__(self, lengths: list[int], config: FinetuneConfig):
+        self.lengths, self.config = lengths, config
+        self.order = ExampleOrder(len(lengths), config.seed)
+        self._chunk: tuple[int, list[list[int]]] | None = None
+
+    def __call__(self, step: int) -> list[list[int]]:
+        b, a = self.config.batch_size, self.config.grad_accum
+        if not self.config.group_by_length:
+            first = (step - 1) * b * a
+            return [[self.order[first + m * b + i] for i in range(b)] for m in range(a)]
+        c, j = divmod(step - 1, GROUP_STEPS)
+        if self._chunk is None or self._chunk[0] != c:
+            first = c * GROUP_STEPS * b * a
+            chunk = sorted((self.order[g] for g in range(first, first + GROUP_STEPS * b * a)),
+                           key=lambda e: (self.lengths[e], e))
+            micro = [chunk[i:i + b] for i in range(0, len(chunk), b)]
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + c + 1)
+            self._chunk = (c, [micro[i] for i in torch.randperm(len(micro), generator=gen).tolist()])
+        return self._chunk[1][j * a:(j + 1) * a]
 
 
 # ---- model ------------------------------------------------------------------------------------------------------
@@ -456,6 +492,8 @@ def train(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfi
     model = prepare(model)
     optimizer, scheduler = optimizer(model) if optimizer else make_optimizer(model, config)
     device = next(model.parameters()).device
+    if config.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise AlmakError(f"--bf16: {torch.cuda.get_device_name(device)} has no bfloat16; train without it")
     log_path = out_dir / "train_log.jsonl"
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
@@ -474,7 +512,7 @@ def train(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfi
         if nll is not None:
             _record_valid(state, log_path, 0, nll, emit)
 
-    order = ExampleOrder(len(examples), config.seed)
+    plan = BatchPlan([len(p) + len(t) for p, t in examples], config)
     n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
     n_total = sum(p.numel() for p in model.parameters())
     log.info("training %d of %d parameters on %d examples (%s), from step %d of %d", n_trainable, n_total,
@@ -484,15 +522,14 @@ def train(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfi
     started = time.perf_counter() - state["seconds"]
     with open(log_path, "a", encoding="utf-8") as log_file:
         for step in range(state["step"] + 1, config.steps + 1):
-            first = state["examples_seen"]
-            micro = [[examples[order[first + m * config.batch_size + i]] for i in range(config.batch_size)]
-                     for m in range(config.grad_accum)]
-            state["examples_seen"] = first + config.batch_size * config.grad_accum
+            micro = [[examples[e] for e in batch] for batch in plan(step)]
+            state["examples_seen"] += config.batch_size * config.grad_accum
             n_target = sum(len(t) for batch in micro for _, t in batch)
             loss = 0.0
             for batch in micro:
                 ids, attn, labels = teacher_forcing_batch(batch, tokenizer.pad_token_id)
-                summed = batch_loss(model, ids.to(device), attn.to(device), labels.to(device))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    summed = batch_loss(model, ids.to(device), attn.to(device), labels.to(device))
                 (summed / n_target).backward()  # the step's loss is the mean over all its target tokens
                 loss += float(summed.detach()) / n_target
             grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable_parameters(model).values()),

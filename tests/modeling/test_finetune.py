@@ -7,8 +7,8 @@ import torch
 from almak.errors import AlmakError
 from almak.eval.metrics import target_nll, teacher_forcing_batch
 from almak.eval.prompts import Prompt
-from almak.modeling.finetune import (ExampleOrder, FinetuneConfig, encode_examples, finetune, load_pairs,
-                                     trainable_parameters)
+from almak.modeling.finetune import (GROUP_STEPS, BatchPlan, ExampleOrder, FinetuneConfig, encode_examples, finetune,
+                                     load_pairs, trainable_parameters)
 from almak.modeling.load import load_model
 
 pytest.importorskip("peft")
@@ -110,11 +110,53 @@ def test_adapter_loads_merged_with_the_same_logits(tiny_llama_dir, pairs_file, t
     torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-4)  # merging into W reorders fp32 sums
 
 
-def test_resume_gives_the_uninterrupted_result(tiny_llama_dir, pairs_file, tmp_path):
+def test_batch_plan_deals_each_steps_examples_once(tiny_llama_dir):
+    lengths = [(i * 37) % 101 for i in range(50)]
+    plain = BatchPlan(lengths, FinetuneConfig(batch_size=3, grad_accum=2))
+    order = ExampleOrder(50, 0)
+    assert plain(1) == [[order[0], order[1], order[2]], [order[3], order[4], order[5]]]
+    assert plain(4)[1] == [order[21], order[22], order[23]]
+
+    config = FinetuneConfig(batch_size=3, grad_accum=2, group_by_length=True)
+    plan = BatchPlan(lengths, config)
+    for chunk in range(2):  # the steps of a chunk see the chunk's examples (as without grouping), 6 per step
+        steps = [plan(chunk * GROUP_STEPS + j + 1) for j in range(GROUP_STEPS)]
+        assert all(len(s) == 2 and all(len(m) == 3 for m in s) for s in steps)
+        dealt = sorted(e for s in steps for m in s for e in m)
+        first = chunk * GROUP_STEPS * 6
+        assert dealt == sorted(order[g] for g in range(first, first + GROUP_STEPS * 6))
+        # each micro-batch holds neighbours in length order: no example of another micro-batch lies strictly inside
+        ranges = [(min(lengths[e] for e in m), max(lengths[e] for e in m)) for s in steps for m in s]
+        micro_lengths = [[lengths[e] for e in m] for s in steps for m in s]
+        for i, (lo, hi) in enumerate(ranges):
+            assert not any(lo < x < hi for j, m in enumerate(micro_lengths) if j != i for x in m)
+    assert sorted(len(set(map(tuple, plan(j + 1)))) for j in range(GROUP_STEPS)) == [2] * GROUP_STEPS
+    lengths_of_steps = [sum(lengths[e] for m in plan(j + 1) for e in m) for j in range(GROUP_STEPS)]
+    assert lengths_of_steps != sorted(lengths_of_steps)  # micro-batches are dealt at random, not shortest first
+    again = BatchPlan(lengths, config)
+    assert [again(k) for k in (20, 3, 17)] == [plan(k) for k in (20, 3, 17)]  # a function of the step alone
+
+
+def test_bf16_autocast_trains_float32_adapters(tiny_llama_dir, pairs_file, tmp_path):
+    logs = {}
+    for bf16 in (False, True):
+        lm = fresh(tiny_llama_dir)
+        result = finetune(lm.model, lm.tokenizer, "alma", small(pairs_file, steps=6, bf16=bf16, lora_dropout=0.0),
+                          tmp_path / f"ft-{bf16}")
+        assert all(p.dtype == torch.float32 for p in trainable_parameters(result.model).values())
+        assert result.summary["val_ppl_after"] < 0.9 * result.summary["val_ppl_before"]
+        logs[bf16] = [json.loads(line) for line in (tmp_path / f"ft-{bf16}" / "train_log.jsonl").read_text().splitlines()]
+    first = [next(e["loss"] for e in logs[b] if "loss" in e) for b in (False, True)]
+    assert first[1] == pytest.approx(first[0], rel=2e-2) and first[1] != first[0]  # bfloat16 matmuls, same model
+
+
+@pytest.mark.parametrize("fast", [{}, {"bf16": True, "group_by_length": True}])
+def test_resume_gives_the_uninterrupted_result(tiny_llama_dir, pairs_file, tmp_path, fast):
     """6 steps straight == 3 steps, a crash during step 4, --resume from the step-3 checkpoint (dropout on)."""
     from safetensors.torch import load_file
 
-    config = small(pairs_file, steps=6, save_every=3, eval_every=2, batch_size=2, grad_accum=2, lora_dropout=0.1)
+    config = small(pairs_file, steps=6, save_every=3, eval_every=2, batch_size=2, grad_accum=2, lora_dropout=0.1,
+                   **fast)
     straight = tmp_path / "straight"
     lm = fresh(tiny_llama_dir)
     finetune(lm.model, lm.tokenizer, "alma", config, straight)
