@@ -24,6 +24,8 @@ prompt (:func:`almak.eval.metrics.reference_nll`) for
   Linear, ignore lm_head) calibrated on almak's ``alma:de-en`` calibration samples;
 - ``almak-gptq``: :func:`almak.modeling.surgery.gptq_quantize_` with the same scheme on the same samples;
 - ``almak-gptq-alma``: the same on almak's default ``alma`` samples (every ALMA direction);
+- ``almak-gptq-clip``, ``almak-gptq-alma-clip``: ``almak-gptq`` and ``almak-gptq-alma`` with ``clip_search``
+  (each group's range searched for the least H-weighted rounding error; ``almak quantize``'s default);
 - ``almak-rtn``: :func:`almak.modeling.surgery.quantize_`, round to nearest with the same scheme.
 
 Each method runs in its own child process (this script re-invoked with ``--method``; it prints one JSON
@@ -59,7 +61,8 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m"
 TESTSET = "wmt22:de-en"
-METHODS = ("float", "llmcompressor-gptq", "almak-gptq", "almak-gptq-alma", "almak-rtn")
+METHODS = ("float", "llmcompressor-gptq", "almak-gptq", "almak-gptq-alma", "almak-gptq-clip",
+           "almak-gptq-alma-clip", "almak-rtn")
 BITS, GROUP_SIZE, SYM, DAMP = 4, 64, False, 0.01
 MARK = "@@RESULT@@ "
 
@@ -167,10 +170,11 @@ def child(method: str, nsamples: int, seqlen: int, limit: int) -> dict:
     model, tok = lm.model, lm.tokenizer
     rec: dict = {"method": method, "threads": torch.get_num_threads()}
     samples = None
-    if method in ("llmcompressor-gptq", "almak-gptq", "almak-gptq-alma"):
+    almak_gptq = ("almak-gptq", "almak-gptq-alma", "almak-gptq-clip", "almak-gptq-alma-clip")
+    if method == "llmcompressor-gptq" or method in almak_gptq:
         from almak.modeling.calibrate import calibration_samples
 
-        calib = "alma" if method == "almak-gptq-alma" else "alma:de-en"
+        calib = "alma" if method.startswith("almak-gptq-alma") else "alma:de-en"
         samples = calibration_samples(tok, calib, nsamples=nsamples, seqlen=seqlen)
         rec["calib"] = calib
         rec["calib_tokens"] = int(sum(s.shape[1] for s in samples))
@@ -179,11 +183,12 @@ def child(method: str, nsamples: int, seqlen: int, limit: int) -> dict:
 
     if method == "llmcompressor-gptq":
         rec.update(llmc_quantize(model, tok, samples, seqlen))
-    elif method in ("almak-gptq", "almak-gptq-alma"):
+    elif method in almak_gptq:
         from almak.modeling.surgery import gptq_quantize_
         from almak.quant.gptq import GPTQConfig
 
-        cfg = GPTQConfig(bits=BITS, group_size=GROUP_SIZE, sym=SYM, damp=DAMP, act_order=True)
+        cfg = GPTQConfig(bits=BITS, group_size=GROUP_SIZE, sym=SYM, damp=DAMP, act_order=True,
+                         clip_search=method.endswith("-clip"))
         t0 = time.perf_counter()
         info = gptq_quantize_(model, samples, cfg)
         rec["quant_s"] = time.perf_counter() - t0
@@ -308,7 +313,8 @@ def main(argv=None) -> None:
                        "lm_head": "not quantized"},
             "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen,
                             "llmcompressor-gptq": "alma:de-en", "almak-gptq": "alma:de-en",
-                            "almak-gptq-alma": "alma"},
+                            "almak-gptq-alma": "alma", "almak-gptq-clip": "alma:de-en",
+                            "almak-gptq-alma-clip": "alma"},
             "eval": {"testset": TESTSET, "limit": args.limit, "prompt": "alma",
                      "metric": "reference perplexity (almak.eval.metrics.reference_nll)"},
             "order": methods,

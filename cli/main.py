@@ -332,12 +332,17 @@ def _metric_rows(report: dict) -> list[tuple[str, str]]:
 @click.option("--seqlen", type=click.IntRange(min=8), default=512, show_default=True,
               help="GPTQ: tokens per calibration sample at most.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
+@click.option("--clip-search/--no-clip-search", default=None,
+              help="GPTQ: each group's range is its min/max shrunk by the factor (1.00 down to 0.75) with the least "
+                   "squared rounding error weighted by the calibration inputs' mean square; --no-clip-search keeps "
+                   "the plain min/max, as the GPTQ paper and llm-compressor do. Same checkpoint format. "
+                   "[default: on with --method gptq]")
 @calibration_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Checkpoint folder (safetensors, compressed-tensors pack-quantized layout).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamples, seqlen, seed, prompt_family,
-             device, dtype, out_dir, overwrite):
+def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamples, seqlen, seed, clip_search,
+             prompt_family, device, dtype, out_dir, overwrite):
     """Quantize MODEL's decoder-layer projections to 4 or 8 bits and write a checkpoint.
 
     The checkpoint loads in almak (almak translate/eval DIR), in transformers with the compressed-tensors
@@ -359,7 +364,8 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, quantize_model, sparsify_
 
     recipe = QuantizeRecipe(method=method, bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order,
-                            damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+                            damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                            clip_search=clip_search)
     out = Path(out_dir)
     check_new_output(out, overwrite)
     lm, device = load_for_calibration(model, device, dtype)
@@ -391,7 +397,8 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     print_table([
         ("model", lm.ref),
         ("method", f"{method} int{bits} {'sym' if sym else 'asym'} group {group_size}"
-         + (f", act-order {act_order}, damp {damp}, {nsamples} x <={seqlen} tokens of {calib}" if method == "gptq" else "")),
+         + (f", act-order {act_order}, damp {damp}, {nsamples} x <={seqlen} tokens of {calib}"
+            + (", clip search" if recipe.clip_search else "") if method == "gptq" else "")),
         ("layers quantized", str(len(summary["quantized"]))
          + (f" ({len(sparse24_quant)} of them 2:4 + int4)" if sparse24_quant else "")
          + ("; zeros of the pruned source kept" if pruned or sparse24 else "")),

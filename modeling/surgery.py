@@ -91,6 +91,55 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Callable[[str, n
     return {"quantized": done, "skipped": skipped}
 
 
+# Projections of a LLaMA decoder layer that read the same tensor: GPTQ accumulates one Hessian for them and
+# solves their stacked rows in one sweep (the result each layer gets is the same as solving it alone).
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _SharedInput:
+    """The GPTQ observer of the projections in ``names`` that read one input: each forward adds it once.
+
+    Each member's hook calls :meth:`add_batch` once per forward, in the same order; the n-th call of every
+    member must pass the very tensor the first member passed, else the layers do not share their input and
+    the pass stops (one Hessian for them would be wrong).
+    """
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.modules: list[nn.Linear] = []
+        self.gptq = None
+        self._seen: dict[str, int] = {}
+        self._added, self._last = 0, None
+
+    def member(self, name: str, module: nn.Linear) -> "_Member":
+        self.names.append(name)
+        self.modules.append(module)
+        self._seen[name] = 0
+        return _Member(self, name)
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        from almak.quant.gptq import GPTQ
+
+        if self.gptq is None:
+            self.gptq = GPTQ(self.modules)
+        self._seen[name] += 1
+        if self._seen[name] > self._added:
+            self._added += 1
+            self._last = x
+            self.gptq.add_batch(x)
+        elif x is not self._last:
+            raise AlmakError(f"{' and '.join(self.names)} do not read the same input; GPTQ cannot share their "
+                             "Hessian")
+
+
+class _Member:
+    def __init__(self, group: _SharedInput, name: str):
+        self.group, self.name = group, name
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        self.group.add(self.name, x)
+
+
 def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_fn=None, progress=None,
                    keep_zeros: bool = False) -> dict:
     """GPTQ every decoder-layer projection, layer by layer on calibration ``samples``, in place.
@@ -98,14 +147,15 @@ def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_
     ``config`` is a :class:`almak.quant.gptq.GPTQConfig`; ``samples`` come from
     :func:`almak.modeling.calibrate.calibration_samples`. Returns ``{"quantized": [...], "skipped": {...}}``
     like :func:`quantize_`; ``progress(1)`` is called per decoder layer. ``keep_zeros`` (for a pruned model)
-    keeps every weight that is exactly 0 at 0, so a 2:4 layer stays 2:4.
+    keeps every weight that is exactly 0 at 0, so a 2:4 layer stays 2:4. The projections that read one input
+    (:data:`SHARED_INPUTS`) share a Hessian and a solve.
     """
     from almak.modeling.calibrate import decoder_layers, run_layerwise
-    from almak.quant.gptq import GPTQ
 
     layers = decoder_layers(model)
     prefix = {id(layer): f"model.layers.{i}." for i, layer in enumerate(layers)}
     done, skipped = [], {}
+    groups: dict[str, _SharedInput] = {}  # of the decoder layer being calibrated
 
     def targets(name, module):
         if name.rsplit(".", 1)[-1] not in PROJECTIONS or (filter_fn and not filter_fn(name, module)):
@@ -115,21 +165,36 @@ def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_
             return False
         return True
 
-    def finish_layer(index, layer, observers):
-        for name, gptq in observers.items():
-            linear = layer.get_submodule(name)
-            if not torch.isfinite(linear.weight).all():
-                raise AlmakError(f"model.layers.{index}.{name} has NaN or inf weights")
-            q, scales, zeros = gptq.quantize(config, keep_zero=(linear.weight == 0) if keep_zeros else None)
-            new = QuantLinear(linear.in_features, linear.out_features, config.bits, config.group_size, config.sym,
-                              linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
-            new.set_quantized(q, scales, zeros)
-            if linear.bias is not None:
-                new.bias.copy_(linear.bias)
-            set_module(layer, name, new)
-            done.append(prefix[id(layer)] + name)
+    def make_observer(name, module):
+        parent, _, leaf = name.rpartition(".")
+        shared = next((m for m in SHARED_INPUTS if leaf in m), None)
+        key = f"{parent}.{'/'.join(shared)}" if shared else name
+        return groups.setdefault(key, _SharedInput()).member(name, module)
 
-    run_layerwise(model, samples, lambda name, m: GPTQ(m), finish_layer, targets, device, progress)
+    def finish_layer(index, layer, observers):
+        for group in {id(o.group): o.group for o in observers.values()}.values():
+            linears = [layer.get_submodule(name) for name in group.names]
+            for name, linear in zip(group.names, linears):
+                if not torch.isfinite(linear.weight).all():
+                    raise AlmakError(f"model.layers.{index}.{name} has NaN or inf weights")
+            keep = torch.cat([linear.weight == 0 for linear in linears]) if keep_zeros else None
+            if group.gptq is None:
+                raise AlmakError(f"model.layers.{index}: {', '.join(group.names)} saw no calibration input")
+            q, scales, zeros = group.gptq.quantize(config, keep_zero=keep)
+            sizes = [linear.out_features for linear in linears]
+            parts = zip(q.split(sizes), scales.split(sizes), [None] * len(sizes) if zeros is None else zeros.split(sizes))
+            for name, linear, (q_i, s_i, z_i) in zip(group.names, linears, parts):
+                new = QuantLinear(linear.in_features, linear.out_features, config.bits, config.group_size,
+                                  config.sym, linear.bias is not None, dtype=linear.weight.dtype,
+                                  device=linear.weight.device)
+                new.set_quantized(q_i, s_i, z_i)
+                if linear.bias is not None:
+                    new.bias.copy_(linear.bias)
+                set_module(layer, name, new)
+                done.append(prefix[id(layer)] + name)
+        groups.clear()
+
+    run_layerwise(model, samples, make_observer, finish_layer, targets, device, progress)
     if not done:
         raise AlmakError("the model has no decoder-layer projections (q/k/v/o/gate/up/down_proj) to quantize")
     log.info("GPTQ-quantized %d linears to int%d %s g%d; kept lm_head", len(done), config.bits,
@@ -187,17 +252,23 @@ class QuantizeRecipe:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
+    clip_search: bool | None = None  # GPTQ's group ranges by H-weighted error search; None: on for GPTQ
 
     def __post_init__(self):
         if self.method not in ("rtn", "gptq"):
             raise AlmakError(f"method must be rtn or gptq, got {self.method!r}")
+        if self.clip_search is None:
+            self.clip_search = self.method == "gptq"
+        if self.clip_search and self.method != "gptq":
+            raise AlmakError("--clip-search weighs each input column by its calibration activations: use it with "
+                             "--method gptq")
         self.gptq_config()  # validates bits, group size, damping
 
     def gptq_config(self):
         from almak.quant.gptq import GPTQConfig
 
         return GPTQConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, damp=self.damp,
-                          act_order=self.act_order)
+                          act_order=self.act_order, clip_search=self.clip_search)
 
 
 def check_group_size(model: nn.Module, group_size: int) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.quant.pack import GROUP_SIZES, quantize_rtn_groupwise
+from almak.quant.pack import GROUP_SIZES, quantize_rtn_groupwise, search_clip
 
 __all__ = ["GPTQConfig", "GPTQ", "inverse_hessian_factor"]
 
@@ -37,9 +37,11 @@ class GPTQConfig:
     - ``damp``: added to H's diagonal as a fraction of its mean, so H is safely positive definite.
     - ``block_size``: columns per lazy batch update (speed only; the result is the same for any value).
     - ``act_order``: visit columns by decreasing H diagonal (most activated inputs first).
+    - ``clip_search``: each group's range is the min/max shrunk by the factor that minimizes the squared
+      rounding error weighted by H's diagonal (:func:`almak.quant.pack.search_clip`), not the plain min/max.
 
     >>> GPTQConfig(bits=4, group_size=64, sym=False)
-    GPTQConfig(bits=4, group_size=64, sym=False, damp=0.01, block_size=128, act_order=True)
+    GPTQConfig(bits=4, group_size=64, sym=False, damp=0.01, block_size=128, act_order=True, clip_search=False)
     """
 
     bits: int = 4
@@ -48,6 +50,7 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    clip_search: bool = False
 
     def __post_init__(self):
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
@@ -87,12 +90,18 @@ class GPTQ:
     >>> QuantLinear(layer.in_features, layer.out_features, 4, 128).set_quantized(q, scales, zeros)
     """
 
-    def __init__(self, layer: nn.Linear):
-        if not isinstance(layer, nn.Linear):
-            raise AlmakError(f"GPTQ: expected an nn.Linear, got {type(layer).__name__}")
-        self.layer = layer
-        self.rows, self.columns = layer.out_features, layer.in_features
-        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=layer.weight.device)
+    def __init__(self, layer: nn.Linear | list[nn.Linear]):
+        layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+        if not layers or not all(isinstance(m, nn.Linear) for m in layers):
+            raise AlmakError(f"GPTQ: expected an nn.Linear (or a list of them), got {type(layer).__name__}")
+        if len({m.in_features for m in layers}) != 1:
+            raise AlmakError("GPTQ: linears solved together must read the same input (same in_features)")
+        # Several linears that read the same input (q/k/v, gate/up) share H, its inverse and the column sweep:
+        # GPTQ treats rows independently, so solving their stacked rows once gives each layer its own result.
+        self.layers = layers
+        self.layer = layers[0]
+        self.rows, self.columns = sum(m.out_features for m in layers), layers[0].in_features
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=layers[0].weight.device)
         self.nsamples = 0  # tokens seen
         self.loss: float | None = None  # sum of the OBS losses of the last quantize(), for logging
 
@@ -120,7 +129,8 @@ class GPTQ:
     def quantize(self, config: GPTQConfig, keep_zero: torch.Tensor | None = None,
                  scale_dtype: torch.dtype | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Solve for the layer's quantized weight; returns ``(q, scales, zeros)`` as ``quantize_rtn_groupwise``.
+        """Solve for the layer's quantized weight; returns ``(q, scales, zeros)`` as ``quantize_rtn_groupwise``
+        (for a list of linears, their rows stacked in order: ``torch.split`` by their out_features).
 
         Args:
             config: the scheme and the solver's settings.
@@ -142,7 +152,7 @@ class GPTQ:
         device = self.H.device
         scale_dtype = scale_dtype or self.layer.weight.dtype
         M = self._check_mask(keep_zero, device)
-        W = self.layer.weight.detach().to(device=device, dtype=torch.float32).clone()
+        W = torch.cat([m.weight.detach().to(device=device, dtype=torch.float32) for m in self.layers])
 
         # Dead inputs (never nonzero in calibration) carry no information: their weights are dropped.
         dead = torch.diag(self.H) == 0
@@ -150,13 +160,20 @@ class GPTQ:
         if M is not None:
             W[M] = 0
 
+        hdiag = torch.diag(self.H).clone()  # each input's mean square: the weight of its rounding error
+
+        def group_params(Wg: torch.Tensor, group_size: int, importance: torch.Tensor):
+            if config.clip_search:
+                return search_clip(Wg, bits, group_size, config.sym, scale_dtype, importance=importance)
+            return quantize_rtn_groupwise(Wg, bits, group_size, config.sym, scale_dtype)
+
         groups = 1 if G == -1 else -(-K // G)
         scales = torch.empty(N, groups, dtype=scale_dtype, device=device)
         zeros = None if (bits == 8 and config.sym) else torch.empty(N, groups, dtype=scale_dtype, device=device)
         static = config.act_order or G == -1
         if static:
             # Static groups: scales and zeros from the original columns, before any error is propagated.
-            _, scales[:], z = quantize_rtn_groupwise(W, bits, G, config.sym, scale_dtype)
+            _, scales[:], z = group_params(W, G, hdiag)
             if zeros is not None:
                 zeros[:] = z
         # Group of each original column; the scheme's unsigned (int4) or signed (int8) code range.
@@ -189,7 +206,7 @@ class GPTQ:
                 g = group_of[j]
                 if not static and j % G == 0:
                     Wg = W1[:, i:i + G] if M is None else W1[:, i:i + G].masked_fill(M[:, j:j + G], 0)
-                    _, scales[:, g:g + 1], z = quantize_rtn_groupwise(Wg, bits, -1, config.sym, scale_dtype)
+                    _, scales[:, g:g + 1], z = group_params(Wg, -1, hdiag[perm[j:j + G]])
                     if zeros is not None:
                         zeros[:, g:g + 1] = z
                 s = scales[:, g].float()

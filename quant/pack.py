@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_int4", "unpack_int4", "quantize_rtn_groupwise", "dequantize_groupwise"]
+__all__ = ["pack_int4", "unpack_int4", "quantize_rtn_groupwise", "search_clip", "dequantize_groupwise"]
 
 # int4 codes per int32 word.
 PACK_FACTOR = 8
@@ -87,7 +87,7 @@ def _grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def quantize_rtn_groupwise(W: torch.Tensor, bits: int, group_size: int, sym: bool,
-                           scale_dtype: torch.dtype | None = None
+                           scale_dtype: torch.dtype | None = None, shrink: torch.Tensor | float = 1.0
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest quantization of W (N, K) with one scale (and zero) per ``group_size`` columns.
 
@@ -98,6 +98,8 @@ def quantize_rtn_groupwise(W: torch.Tensor, bits: int, group_size: int, sym: boo
         sym: symmetric (no zero point) or asymmetric (min/max range).
         scale_dtype: dtype of the returned scales and zeros; W's dtype by default. Codes are computed
             against the scales as stored in that dtype, so dequantizing reproduces them exactly.
+        shrink: the range's ends are multiplied by this factor in (0, 1], one for all or one per group
+            (N, groups): the weights beyond them are clipped (see :func:`search_clip`).
 
     Returns:
         ``(q, scales, zeros)``. bits=4: q (N, K) uint8 codes in [0, 15] (pack them with :func:`pack_int4`),
@@ -121,10 +123,10 @@ def quantize_rtn_groupwise(W: torch.Tensor, bits: int, group_size: int, sym: boo
     levels = 2**bits - 1  # 15 or 255 steps
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1  # signed code range
     if sym:
-        s = Wg.abs().amax(dim=-1) / (levels / 2)
+        s = Wg.abs().amax(dim=-1) * shrink / (levels / 2)
     else:
-        lo = Wg.amin(dim=-1).clamp(max=0.0)
-        hi = Wg.amax(dim=-1).clamp(min=0.0)
+        lo = Wg.amin(dim=-1).clamp(max=0.0) * shrink
+        hi = Wg.amax(dim=-1).clamp(min=0.0) * shrink
         s = (hi - lo) / levels
     # An all-zero group gets scale 1 (its codes are all zero-point either way).
     s = torch.where(s > 0, s, torch.ones_like(s))
@@ -144,6 +146,43 @@ def quantize_rtn_groupwise(W: torch.Tensor, bits: int, group_size: int, sym: boo
         # Unsigned codes and zeros for the pack-quantized layout: shift both by +8.
         return (q + 8).to(torch.uint8), s.to(scale_dtype), (z + 8).to(scale_dtype)
     return q.to(torch.int8), s.to(scale_dtype), None if sym else z.to(scale_dtype)
+
+
+# search_clip's candidate shrink factors: 1.00, 0.99, ..., 0.75.
+CLIP_GRID = tuple(round(1 - 0.01 * i, 2) for i in range(26))
+
+
+def search_clip(W: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype | None = None,
+                importance: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`quantize_rtn_groupwise` with each group's range shrunk by the factor of ``grid`` that gives the
+    least ``sum_k importance[k] * (W[n, k] - W_hat[n, k])**2`` over the group: clipping a few outliers buys a
+    finer step for all the other weights. ``importance`` (K,) weighs the input columns, e.g. the calibration
+    inputs' mean square (the diagonal of GPTQ's Hessian); None weighs them alike. Ties keep the wider range.
+
+    Example:
+        >>> W = torch.randn(64, 576); W[0, 0] = 20.0           # an outlier stretches its group's range
+        >>> err = lambda q, s, z: (dequantize_groupwise(q, s, z, 64) - W).square().sum().item()
+        >>> err(*search_clip(W, 4, 64, sym=False)) < err(*quantize_rtn_groupwise(W, 4, 64, sym=False))
+        True
+    """
+    N, K = W.shape
+    G = K if group_size == -1 else group_size
+    groups = -(-K // G)
+    Wf = W.float()
+    imp = torch.ones(K, device=W.device) if importance is None else importance.to(W.device, torch.float32)
+    if imp.shape != (K,):
+        raise ValueError(f"search_clip: importance must have one value per input column ({K}), got {tuple(imp.shape)}")
+    best_err = torch.full((N, groups), float("inf"), device=W.device)
+    best = torch.ones(N, groups, device=W.device)
+    for factor in grid:
+        q, s, z = quantize_rtn_groupwise(Wf, bits, group_size, sym, scale_dtype, shrink=factor)
+        err = (dequantize_groupwise(q, s, z, group_size) - Wf).square() * imp
+        err = _grouped(err, group_size).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, factor), best)
+    return quantize_rtn_groupwise(W, bits, group_size, sym, scale_dtype, shrink=best)
 
 
 def dequantize_groupwise(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

@@ -19,6 +19,7 @@ def test_gptq_checkpoint_then_eval_and_translate(tiny_llama_dir, tmp_path):
     assert "layers quantized     14" in result.output and "size before / after" in result.output
     recipe = json.loads((out / "almak_recipe.json").read_text())
     assert recipe["method"] == "gptq" and recipe["nsamples"] == 8 and recipe["calib"] == "alma"
+    assert recipe["clip_search"] is True and "clip search" in result.output  # on by default for GPTQ
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
 
@@ -60,6 +61,7 @@ def test_gptq_beats_rtn_on_the_model(tiny_llama_dir, tmp_path):
     (["--bits", "3", "--group-size", "32"], "'3' is not one of '4', '8'"),
     (["--damp", "1.5", "--group-size", "32"], "damp"),
     (["--calib", "nowhere.txt", "--group-size", "32"], "neither 'alma'"),
+    (["--method", "rtn", "--clip-search", "--group-size", "32"], "--clip-search weighs each input column"),
 ])
 def test_bad_input_leaves_nothing(tiny_llama_dir, tmp_path, args, message):
     out = tmp_path / "out"

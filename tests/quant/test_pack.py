@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from almak.kernels import dequantize_w4, dequantize_w8
-from almak.quant.pack import dequantize_groupwise, pack_int4, quantize_rtn_groupwise, unpack_int4
+from almak.quant.pack import dequantize_groupwise, pack_int4, quantize_rtn_groupwise, search_clip, unpack_int4
 
 
 def test_pack_bit_layout_matches_definition():
@@ -114,3 +114,39 @@ def test_rtn_refusals():
         quantize_rtn_groupwise(torch.randn(4, 8), 3, -1, True)
     with pytest.raises(ValueError, match="2-D floating"):
         quantize_rtn_groupwise(torch.ones(4, 8, dtype=torch.int32), 4, -1, True)
+
+
+def weighted_group_error(W, q, s, z, group_size, importance):
+    err = (dequantize_groupwise(q, s, z, group_size) - W).square() * importance
+    return err.reshape(W.shape[0], -1, group_size).sum(-1)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (8, True), (8, False)])
+def test_search_clip_never_loses_to_the_full_range(bits, sym):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 256, generator=g) * torch.rand(32, 256, generator=g).pow(4).mul(6).add(0.2)  # heavy tails
+    importance = torch.rand(256, generator=g)
+    full = quantize_rtn_groupwise(W, bits, 64, sym)
+    q, s, z = search_clip(W, bits, 64, sym, importance=importance)
+    e_full = weighted_group_error(W, *full, 64, importance)
+    e_clip = weighted_group_error(W, q, s, z, 64, importance)
+    assert (e_clip <= e_full * (1 + 1e-6)).all()  # 1.0 is a candidate: no group gets worse
+    assert e_clip.sum() < (0.95 if bits == 4 else 1.0) * e_full.sum()  # int8's fine step gains ~1% only
+    assert (s <= full[1]).all() and q.dtype == full[0].dtype and (z is None) == (full[2] is None)
+    # one candidate, no shrink: RTN exactly
+    one = search_clip(W, bits, 64, sym, importance=importance, grid=(1.0,))
+    assert all(torch.equal(a, b) for a, b in zip(one, full) if a is not None)
+
+
+def test_search_clip_follows_the_importance():
+    """An outlier in a column that never sees input costs nothing when clipped: its group's range shrinks all
+    the way; weighed like the others, the outlier keeps its range."""
+    W = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.1
+    W[:, 0] = 3.0
+    ignored = torch.ones(64)
+    ignored[0] = 0
+    _, s_ignored, _ = search_clip(W, 4, 64, sym=True, importance=ignored)
+    _, s_counted, _ = search_clip(W, 4, 64, sym=True)
+    _, s_full, _ = quantize_rtn_groupwise(W, 4, 64, sym=True)
+    torch.testing.assert_close(s_ignored, s_full * 0.75, rtol=1e-6, atol=0)
+    assert (s_counted > 1.2 * s_ignored).all()
