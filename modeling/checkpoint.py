@@ -43,7 +43,11 @@ as the rotary frequencies are computed as usual), swaps every quantized linear f
 ``Sparse24QuantLinear`` where the sparsity_config declares it 2:4) and every bitmask one for a
 ``Sparse24Linear``, and assigns the stored tensors, so no float copy of a compressed weight is ever made. It reads the folders
 above, those llm-compressor writes (same layout; older ones with unpacked int8 zero points too), and
-GPTQ folders as AutoGPTQ / GPTQModel publish them (see :func:`is_gptq_checkpoint`).
+GPTQ folders as AutoGPTQ / GPTQModel publish them (see :func:`is_gptq_checkpoint`). A ``g_idx`` /
+``weight_g_idx`` that permutes whole groups of columns (act-order without static groups: GPTQ ``desc_act``,
+older compressed-tensors' ``actorder: group``) becomes the layer's ``input_perm``: its codes are stored group
+by group and the input is gathered in that order. Such layers are not written back: compressed-tensors
+removed ``actorder: group``.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ from almak.errors import AlmakError
 from almak.modeling.quant_linear import QuantLinear
 from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
 from almak.modeling.surgery import set_module
-from almak.quant.pack import GROUP_SIZES, pack_int4
+from almak.quant.pack import GROUP_SIZES, pack_int4, unpack_int4
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +269,11 @@ def _ct_layer_tensors(name: str, layer: QuantLinear | Sparse24QuantLinear) -> di
     if isinstance(layer, Sparse24QuantLinear):
         layer = layer.to_quant_linear()
     N, K, bits = layer.out_features, layer.in_features, layer.bits
+    if layer.input_perm is not None:
+        raise AlmakError(f"{name} has a permuted input order (act-order with non-static groups, as read from a GPTQ "
+                         "desc_act folder), which compressed-tensors no longer stores (its actorder 'group' was "
+                         "removed): keep the GPTQ folder, or quantize the float model with almak quantize, whose "
+                         "act-order keeps static groups")
     if bits == 4:
         packed = layer.weight_packed  # already the pack-quantized int4 layout
     else:
@@ -477,13 +486,14 @@ def _new_quant_linear(folder: Path, name: str, linear: nn.Linear, bits: int, gro
 
 
 def _fill(layer: QuantLinear, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-          bias: torch.Tensor | None) -> None:
+          bias: torch.Tensor | None, perm: torch.Tensor | None = None) -> None:
     layer.weight_packed = packed.contiguous()
     layer.weight_scale = scale.contiguous()
     if zero is not None:
         layer.weight_zero_point = zero.to(scale.dtype).contiguous()
     if bias is not None:
         layer.bias = bias.contiguous()
+    layer.input_perm = perm
     layer._cpu_cache = {}
 
 
@@ -510,8 +520,6 @@ def _ct_scheme(qc: dict, name: str, folder: Path) -> dict:
                 problem = f"{w.get('type', 'int')}{w.get('num_bits')} weights (almak reads int4 and int8)"
             elif w.get("strategy") not in ("group", "channel"):
                 problem = f"strategy {w.get('strategy')!r} (almak reads group and channel)"
-            elif w.get("actorder") in ("group", "dynamic"):
-                problem = "actorder 'group' (a permuted g_idx)"
             if problem:
                 raise AlmakError(f"{folder}: config group {gname} ({name}) uses {problem}")
             return w
@@ -553,9 +561,17 @@ def _load_ct_layers(model: nn.Module, tensors: _Tensors, qc: dict, folder: Path)
             used.add(zkey)
         if bits == 8:
             packed = (unpack_rows(packed, 8, K) - 128).to(torch.int8)
+        perm = None
+        if f"{name}.weight_g_idx" in tensors:  # actorder "group": stored in input order, each column's group
+            perm = _group_order(tensors.get(f"{name}.weight_g_idx"), K, g, f"{folder}: {name}")
+            used.add(f"{name}.weight_g_idx")
+            if perm is not None:
+                packed = pack_int4(unpack_int4(packed)[:, perm]) if bits == 4 else packed[:, perm]
+        elif w.get("actorder") in ("group", "dynamic"):
+            raise AlmakError(f"{folder}: {name} is quantized with actorder {w['actorder']!r} but has no weight_g_idx")
         bias = tensors.get(f"{name}.bias") if f"{name}.bias" in tensors else None
         layer = _new_quant_linear(folder, name, linear, bits, g, sym, bias is not None, scale.dtype)
-        _fill(layer, packed, scale, zero, bias)
+        _fill(layer, packed, scale, zero, bias, perm)
         if bits == 4 and K % 32 == 0 and name in sparse:
             layer = _to_sparse_quant(layer, name, folder)
         set_module(model, name, layer)
@@ -632,16 +648,13 @@ def _load_gptq_layers(model: nn.Module, tensors: _Tensors, qc: dict, folder: Pat
                 or qzeros.shape != (G, math.ceil(N * bits / 32))):
             raise AlmakError(f"{folder}: {name}: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, "
                              f"scales {list(scales.shape)} do not fit {bits}-bit GPTQ {N}x{K}, group size {g_cfg}")
-        if f"{name}.g_idx" in tensors:
-            g_idx = tensors.get(f"{name}.g_idx").to(torch.int64)
-            trivial = torch.arange(K, dtype=torch.int64) // (K if g == -1 else g)
-            if not torch.equal(g_idx, trivial):
-                raise AlmakError(
-                    f"{folder}: {name} has a permuted g_idx (act-order, desc_act=True without static groups): "
-                    "its groups are not contiguous runs of columns, which almak's kernels need. Re-quantize "
-                    "with static groups (almak's GPTQ act-order keeps them), or without act-order")
-            used.add(f"{name}.g_idx")
         codes = unpack_rows(qweight.t().contiguous(), bits, K)  # (N, K) unsigned codes
+        perm = None
+        if f"{name}.g_idx" in tensors:
+            perm = _group_order(tensors.get(f"{name}.g_idx"), K, g, f"{folder}: {name}")
+            used.add(f"{name}.g_idx")
+            if perm is not None:
+                codes = codes[:, perm]
         zeros = unpack_rows(qzeros, bits, N)  # (G, N) stored zeros
         if v1:
             # AutoGPTQ packs zero - 1 and wraps a zero of 0 to 2**bits - 1; mod restores the zero it meant.
@@ -655,10 +668,28 @@ def _load_gptq_layers(model: nn.Module, tensors: _Tensors, qc: dict, folder: Pat
             packed, zero = (codes - 128).to(torch.int8), None if sym else (zeros.t() - 128).to(scale.dtype)
         bias = tensors.get(f"{name}.bias") if f"{name}.bias" in tensors else None
         layer = _new_quant_linear(folder, name, linear, bits, g, sym, bias is not None, scale.dtype)
-        _fill(layer, packed, scale, zero, bias)
+        _fill(layer, packed, scale, zero, bias, perm)
         set_module(model, name, layer)
         used |= {key, f"{name}.qzeros", f"{name}.scales", f"{name}.bias"}
     return used
+
+
+def _group_order(g_idx: torch.Tensor, K: int, group_size: int, who: str) -> torch.Tensor | None:
+    """None for a ``g_idx`` (group of each input column) that is ``arange(K) // group_size``; else the column
+    order (stable sort by group) that makes every group a run of ``group_size`` stored columns, which is how
+    act-order with non-static groups (GPTQ ``desc_act``, compressed-tensors ``actorder: group``) lays them out."""
+    g_idx = g_idx.to(torch.int64).flatten()
+    G = K if group_size == -1 else group_size
+    trivial = torch.arange(K, dtype=torch.int64) // G
+    if g_idx.shape != (K,):
+        raise AlmakError(f"{who}: g_idx has {g_idx.numel()} entries for {K} input columns")
+    if torch.equal(g_idx, trivial):
+        return None
+    perm = torch.sort(g_idx, stable=True).indices
+    if not torch.equal(g_idx[perm], trivial):
+        raise AlmakError(f"{who}: g_idx does not give every group {G} columns; almak reads g_idx that permute "
+                         "whole groups of columns (act-order)")
+    return perm
 
 
 def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch.float32):

@@ -98,7 +98,10 @@ class TrainableScales(nn.Module):
         self.scale = nn.Parameter(layer.weight_scale.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = dequantize_groupwise(self.centered, self.scale, None, self.layer.group_size)
+        W = dequantize_groupwise(self.centered, self.scale, None, self.layer.group_size)  # stored column order
+        perm = getattr(self.layer, "input_perm", None)
+        if perm is not None:
+            x = x.index_select(-1, perm)
         bias = self.layer.bias
         return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
 

@@ -6,6 +6,10 @@ Buffers (the compressed-tensors ``pack-quantized`` layout, what checkpoints stor
   +8); bits=8: (N, K) int8 codes in [-128, 127] (asymmetric int8 has float zeros in that range).
 - ``weight_scale``: (N, G) with G = ceil(K / group_size), or (N, 1) per output channel.
 - ``weight_zero_point``: (N, G) floats, only when asymmetric (symmetric zeros are implied: 8 for int4, 0 for int8).
+- ``input_perm``: None, or (K,) int64 for a layer quantized with act-order and non-static groups (a permuted
+  ``g_idx``): stored column j holds input column ``input_perm[j]``, so that groups are runs of stored columns.
+  The input is gathered in that order before the kernels run (as exllama and vLLM do); :meth:`dequantize`
+  returns the weight in the input's own order.
 
 Where the matmul runs:
 
@@ -69,6 +73,7 @@ class QuantLinear(nn.Module):
         zeros = None if sym else torch.zeros(out_features, groups, dtype=dtype, device=device)
         self.register_buffer("weight_zero_point", zeros)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("input_perm", None)
         self._cpu_cache: dict[str, tuple] = {}  # CPU path -> its operands, built on first use
         # "auto": Triton on CUDA tensors, the CPU path otherwise; "triton" forces the Triton launcher (on CPU
         # tensors that needs TRITON_INTERPRET=1, which is how the tests exercise it).
@@ -96,8 +101,18 @@ class QuantLinear(nn.Module):
             self.weight_zero_point.copy_(zeros.reshape(self.weight_zero_point.shape))
         self._cpu_cache = {}
 
+    def set_input_perm(self, perm: torch.Tensor | None) -> None:
+        """Declare that stored column j holds input column ``perm[j]`` (see the module docstring)."""
+        if perm is not None:
+            perm = perm.to(device=self.weight_packed.device, dtype=torch.int64)
+            if perm.shape != (self.in_features,) or not torch.equal(perm.sort().values,
+                                                                     torch.arange(self.in_features, device=perm.device)):
+                raise ValueError(f"input_perm must be a permutation of the {self.in_features} input columns")
+        self.input_perm = perm
+        self._cpu_cache = {}
+
     def codes(self) -> torch.Tensor:
-        """The integer codes (N, K): uint8 in [0, 15] for int4, int8 for int8."""
+        """The integer codes (N, K) in stored column order: uint8 in [0, 15] for int4, int8 for int8."""
         return unpack_int4(self.weight_packed) if self.bits == 4 else self.weight_packed
 
     def zeros(self) -> torch.Tensor | None:
@@ -114,6 +129,8 @@ class QuantLinear(nn.Module):
 
         fn = dequantize_w4 if self.bits == 4 else dequantize_w8
         W = fn(self.weight_packed, self.weight_scale, self.zeros(), self.group_size)
+        if self.input_perm is not None:
+            W = torch.empty_like(W).index_copy_(1, self.input_perm, W)
         return W.to(dtype or self.weight_scale.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
@@ -146,13 +163,15 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda or self.backend == "triton":
-            y = self._triton(x)
+            y = self._triton(x if self.input_perm is None else x.index_select(-1, self.input_perm))
         else:
             x2 = x.reshape(-1, self.in_features)
             path = self.cpu_path() if x2.shape[0] <= CPU_NATIVE_MAX_M else "dense"
             ops = self._cpu_operands(path)
-            if path == "dense":
+            if path == "dense":  # the dequantized weight is in the input's order
                 return F.linear(x, ops[0].to(x.dtype), self.bias)
+            if self.input_perm is not None:
+                x2 = x2.index_select(-1, self.input_perm)
             if path == "native-int8":
                 y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), *ops)
             else:
@@ -176,4 +195,5 @@ class QuantLinear(nn.Module):
         where = ("triton (cuda)" if self.weight_packed.is_cuda
                  else f"cpu path={self.cpu_path()} (M<={CPU_NATIVE_MAX_M}), dense above")
         return (f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, "
-                f"bias={self.bias is not None}, {where}")
+                f"bias={self.bias is not None}, {where}" + (", input permuted (act-order g_idx)"
+                                                            if self.input_perm is not None else ""))

@@ -147,6 +147,8 @@ class Sparse24QuantLinear(nn.Module):
 
         if layer.bits != 4:
             raise ValueError(f"2:4 + quantized layers are int4 only, got int{layer.bits}")
+        if layer.input_perm is not None:
+            raise ValueError("a layer with a permuted input order (act-order g_idx) cannot be stored 2:4")
         out = cls(layer.in_features, layer.out_features, layer.group_size, layer.sym, layer.bias is not None,
                   layer.weight_scale.dtype, layer.weight_scale.device)
         out.weight_scale.copy_(layer.weight_scale.reshape(out.weight_scale.shape))

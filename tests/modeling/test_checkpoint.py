@@ -246,7 +246,8 @@ def test_reads_compressed_tensors_checkpoint(tiny, tmp_path, scheme):
 
 def autogptq_pack(layer: QuantLinear) -> dict[str, torch.Tensor]:
     """One layer in AutoGPTQ's layout (qlinear_cuda_old ``pack``): qweight (K*bits/32, N) packed along K,
-    qzeros (G, N*bits/32) packed along N holding zero - 1 (v1), scales (G, N) fp16, g_idx (K,) int32."""
+    qzeros (G, N*bits/32) packed along N holding zero - 1 (v1), scales (G, N) fp16, g_idx (K,) int32: the group
+    of each input column, so a layer with an ``input_perm`` is written as desc_act=True writes it."""
     bits, K = layer.bits, layer.in_features
     per = 32 // bits
     if bits == 4:
@@ -254,17 +255,20 @@ def autogptq_pack(layer: QuantLinear) -> dict[str, torch.Tensor]:
     else:
         codes = layer.codes().to(torch.int64) + 128
         zeros = (torch.zeros_like(layer.weight_scale) if layer.sym else layer.weight_zero_point).to(torch.int64) + 128
+    g = K if layer.group_size == -1 else layer.group_size
+    g_idx = torch.arange(K) // g
+    if layer.input_perm is not None:  # codes and groups back in input order
+        codes = torch.empty_like(codes).index_copy_(1, layer.input_perm, codes)
+        g_idx = torch.empty_like(g_idx).index_copy_(0, layer.input_perm, g_idx)
 
     def pack_dim0(u):  # (R, C) -> (R / per, C): value r of each word at bits * (r % per)
         u = u.reshape(-1, per, u.shape[1]) << (torch.arange(per) * bits).reshape(1, per, 1)
         words = u.sum(1)
         return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
-    g = K if layer.group_size == -1 else layer.group_size
     stored = (zeros - 1) & (2**bits - 1)  # v1: zero - 1, a zero of 0 wraps to 2**bits - 1
     return {"qweight": pack_dim0(codes.t()), "qzeros": pack_dim0(stored).t().contiguous(),
-            "scales": layer.weight_scale.t().contiguous().half(),
-            "g_idx": (torch.arange(K) // g).to(torch.int32)}
+            "scales": layer.weight_scale.t().contiguous().half(), "g_idx": g_idx.to(torch.int32)}
 
 
 def write_gptq(model, tokenizer, folder, bits, group_size, sym, config_in="config.json"):
@@ -322,7 +326,86 @@ def test_reads_gptq_checkpoint(tiny, tmp_path, scheme, config_in):
     assert torch.equal(logits(again), logits(model))
 
 
-def test_gptq_act_order_with_permuted_g_idx_is_refused(tiny, tmp_path):
+def permute_inputs_(model, names, seed=0):
+    """Give the named layers a random input order, as GPTQ with desc_act (non-static groups) leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    for name in names:
+        layer = model.get_submodule(name)
+        layer.set_input_perm(torch.randperm(layer.in_features, generator=g))
+    return model
+
+
+ACT_ORDER_LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+
+
+def test_input_perm_gathers_the_input(tiny):
+    """A layer whose stored column j holds input column perm[j]: every CPU path (decode-size native int4, dense
+    above it) computes x @ dequantize().T, and dequantize() is in the input's order."""
+    model = permute_inputs_(quantized(tiny, 4, 32, False), ACT_ORDER_LAYERS[:1])
+    layer = model.get_submodule(ACT_ORDER_LAYERS[0])
+    plain = quantized(tiny, 4, 32, False).get_submodule(ACT_ORDER_LAYERS[0])
+    W = layer.dequantize(torch.float32)
+    torch.testing.assert_close(W[:, layer.input_perm], plain.dequantize(torch.float32), rtol=0, atol=0)
+    for m in (2, 40):
+        x = torch.randn(m, layer.in_features)
+        torch.testing.assert_close(layer(x), x @ W.T, atol=2e-2 if m <= 16 else 1e-5, rtol=1e-2)  # bf16 at m=2
+    assert "input permuted" in repr(layer)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True)])
+def test_reads_gptq_act_order_checkpoint(tiny, tmp_path, bits, sym):
+    """desc_act=True folders (a permuted g_idx, as many GPTQ models on the hub) load with the layer's input
+    permuted."""
+    model = permute_inputs_(fp16_scales_(quantized(tiny, bits, 32, sym)), ACT_ORDER_LAYERS)
+    write_gptq(model, tiny.tokenizer, tmp_path / "gptq", bits, 32, sym)
+    loaded, _ = load_quantized(tmp_path / "gptq")
+    for name in ACT_ORDER_LAYERS:
+        layer, want = loaded.get_submodule(name), model.get_submodule(name)
+        assert layer.input_perm is not None
+        torch.testing.assert_close(layer.dequantize(torch.float32), want.dequantize(torch.float32), rtol=0, atol=0)
+    assert loaded.model.layers[0].self_attn.k_proj.input_perm is None  # a trivial g_idx stays unpermuted
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)  # within-group order differs
+
+    # compressed-tensors removed actorder "group", the only way it stored such layers: almak refuses to write them
+    with pytest.raises(AlmakError, match="q_proj has a permuted input order"):
+        save_quantized(loaded, None, tmp_path / "ct", RECIPE)
+    assert not (tmp_path / "ct").exists()
+
+
+def test_reads_compressed_tensors_actorder_group(tiny, tmp_path):
+    """Older compressed-tensors folders with actorder "group": codes in input order plus weight_g_idx."""
+    from safetensors.torch import load_file, save_file
+
+    from almak.quant.pack import pack_int4, unpack_int4
+
+    model = quantized(tiny, 4, 32, False)
+    out = save_quantized(model, tiny.tokenizer, tmp_path / "ct", RECIPE)
+    name = ACT_ORDER_LAYERS[0]
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(3))  # stored column j is input perm[j]
+    tensors = load_file(out / "model.safetensors")
+    codes = unpack_int4(tensors[f"{name}.weight_packed"])
+    tensors[f"{name}.weight_packed"] = pack_int4(torch.empty_like(codes).index_copy_(1, perm, codes))
+    for key in [k for k in tensors if k.endswith(".weight_shape")]:  # every layer of the group has one
+        tensors[key.replace("weight_shape", "weight_g_idx")] = (torch.arange(tensors[key][1]) // 32).to(torch.int32)
+    tensors[f"{name}.weight_g_idx"] = torch.empty(96, dtype=torch.int32).index_copy_(
+        0, perm, (torch.arange(96) // 32).to(torch.int32))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (out / "config.json").write_text(json.dumps(config))
+
+    loaded, _ = load_quantized(out)
+    layer = loaded.get_submodule(name)
+    W = model.get_submodule(name).dequantize(torch.float32)
+    torch.testing.assert_close(layer.dequantize(torch.float32)[:, perm], W, rtol=0, atol=0)
+    assert loaded.get_submodule(ACT_ORDER_LAYERS[1]).input_perm is None
+    del tensors[f"{name}.weight_g_idx"]
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AlmakError, match="actorder 'group' but has no weight_g_idx"):
+        load_quantized(out)
+
+
+def test_gptq_g_idx_that_splits_groups_is_refused(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = fp16_scales_(quantized(tiny, 4, 32, True))
@@ -330,9 +413,9 @@ def test_gptq_act_order_with_permuted_g_idx_is_refused(tiny, tmp_path):
     path = tmp_path / "gptq" / "model.safetensors"
     tensors = load_file(path)
     key = "model.layers.0.self_attn.q_proj.g_idx"
-    tensors[key] = tensors[key][torch.randperm(96, generator=torch.Generator().manual_seed(0))].contiguous()
+    tensors[key][0] = 1  # group 1 gets 33 columns, group 0 31
     save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(AlmakError, match=r"q_proj has a permuted g_idx \(act-order"):
+    with pytest.raises(AlmakError, match=r"q_proj: g_idx does not give every group 32 columns"):
         load_quantized(tmp_path / "gptq")
 
 
