@@ -248,7 +248,7 @@ def ratios(res: dict) -> dict:
         if f and rtn and rtn != f and name not in ("float", "almak-rtn"):
             r["rtn_gap_closed"] = (rtn - r["ppl"]) / (rtn - f)  # 1: as good as float, 0: no better than RTN
     if llmc:
-        for name in ("almak-gptq", "almak-gptq-alma"):
+        for name in [m for m in METHODS if m.startswith("almak-gptq")]:
             a = res.get(name)
             if not a:
                 continue

@@ -16,7 +16,6 @@ columns), so the runtime kernel needs no ``g_idx``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +106,9 @@ class GPTQ:
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        """Add inputs ``x`` (..., K), every token a sample, to ``H = 2 X Xᵀ / nsamples`` (a running mean)."""
+        """Add inputs ``x`` (..., K), every token a sample, to ``H = 2 X Xᵀ``. (The reference code keeps the
+        mean, ``2 X Xᵀ / nsamples``; GPTQ's result does not depend on H's scale, since the damping is relative
+        to H's mean diagonal, and a running sum saves rescaling H at every batch.)"""
         if self.H is None:
             raise AlmakError("GPTQ: this layer was already quantized; create a new GPTQ to observe again")
         if x.shape[-1] != self.columns:
@@ -119,11 +120,8 @@ class GPTQ:
         m = x.shape[0]
         if m == 0:
             return
-        # Rescale the mean so far, then add this batch: H stays 2/n * sum(x xᵀ) whatever the batching.
-        self.H *= self.nsamples / (self.nsamples + m)
         self.nsamples += m
-        x = x * math.sqrt(2 / self.nsamples)
-        self.H.addmm_(x.t(), x)
+        self.H.addmm_(x.t(), x, alpha=2)
 
     @torch.no_grad()
     def quantize(self, config: GPTQConfig, keep_zero: torch.Tensor | None = None,

@@ -167,18 +167,32 @@ def search_clip(W: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dt
         True
     """
     N, K = W.shape
-    G = K if group_size == -1 else group_size
-    groups = -(-K // G)
-    Wf = W.float()
     imp = torch.ones(K, device=W.device) if importance is None else importance.to(W.device, torch.float32)
     if imp.shape != (K,):
         raise ValueError(f"search_clip: importance must have one value per input column ({K}), got {tuple(imp.shape)}")
-    best_err = torch.full((N, groups), float("inf"), device=W.device)
-    best = torch.ones(N, groups, device=W.device)
+    # The candidates are ranked with scales as computed (not rounded to scale_dtype), in the grouped layout of
+    # quantize_rtn_groupwise, signed codes; the padding of a ragged last group has importance 0.
+    Wg = _grouped(W.float(), group_size)
+    impg = _grouped(imp.unsqueeze(0), group_size)
+    levels = 2**bits - 1
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if sym:
+        top = Wg.abs().amax(dim=-1, keepdim=True) / (levels / 2)
+    else:
+        lo0, hi0 = Wg.amin(dim=-1, keepdim=True).clamp(max=0.0), Wg.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    best_err = torch.full(Wg.shape[:2], float("inf"), device=W.device)
+    best = torch.ones(Wg.shape[:2], device=W.device)
     for factor in grid:
-        q, s, z = quantize_rtn_groupwise(Wf, bits, group_size, sym, scale_dtype, shrink=factor)
-        err = (dequantize_groupwise(q, s, z, group_size) - Wf).square() * imp
-        err = _grouped(err, group_size).sum(dim=-1)
+        if sym:
+            s = top * factor
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            deq = (Wg / s).round_().clamp_(qmin, qmax).mul_(s)
+        else:
+            s = (hi0 - lo0) * factor / levels
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            z = (qmin - torch.round(lo0 * factor / s)).clamp(qmin, qmax)
+            deq = (Wg / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+        err = deq.sub_(Wg).square_().mul_(impg).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, factor), best)
