@@ -715,6 +715,19 @@ def training_device(device: str, dtype: str) -> tuple[str, str]:
         dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     return device, dtype
 
+def training_speed_options(command):
+    """--bf16 and --group-by-length, the switches finetune and distill share (see FinetuneConfig)."""
+    command = click.option(
+        "--group-by-length", is_flag=True,
+        help=f"Sort the examples of every {GROUP_STEPS} steps by length into micro-batches, dealt out to those "
+             "steps in a seeded random order: less padding, so faster steps.")(command)
+    return click.option(
+        "--bf16", is_flag=True,
+        help="Mixed precision: the forward and backward passes run under torch.autocast in bfloat16 while the "
+             "weights, the trained parameters and the optimizer stay in --dtype (CPUs with AVX-512 BF16 and "
+             "GPUs from Ampere on). Validation stays in --dtype.")(command)
+
+
 FINETUNE_DEFAULTS = FinetuneConfig()
 
 
@@ -748,13 +761,7 @@ FINETUNE_DEFAULTS = FinetuneConfig()
               help="Forward passes per optimizer step (a step sees batch-size x grad-accum examples).")
 @click.option("--max-len", type=click.IntRange(min=16), default=FINETUNE_DEFAULTS.max_len, show_default=True,
               help="Tokens per example, prompt and target; longer targets are cut.")
-@click.option("--bf16", is_flag=True,
-              help="Mixed precision: the forward and backward passes run under torch.autocast in bfloat16 while the "
-                   "weights, the trained parameters and the optimizer stay in --dtype (CPUs with AVX-512 BF16 and "
-                   "GPUs from Ampere on). Validation stays in --dtype.")
-@click.option("--group-by-length", is_flag=True,
-              help=f"Sort the examples of every {GROUP_STEPS} steps by length into micro-batches, dealt out to those "
-                   "steps in a seeded random order: less padding, so faster steps.")
+@training_speed_options
 @click.option("--warmup", type=float, default=FINETUNE_DEFAULTS.warmup, show_default=True,
               help="Fraction of the steps over which the learning rate rises linearly.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=FINETUNE_DEFAULTS.eval_every, show_default=True,
@@ -873,13 +880,7 @@ DISTILL_DEFAULTS = DistillConfig(steps=200)
               help="Forward passes per optimizer step.")
 @click.option("--max-len", type=click.IntRange(min=16), default=DISTILL_DEFAULTS.max_len, show_default=True,
               help="Tokens per example, prompt and target; longer targets are cut.")
-@click.option("--bf16", is_flag=True,
-              help="Mixed precision: the forward and backward passes run under torch.autocast in bfloat16 while the "
-                   "weights, the trained parameters and the optimizer stay in --dtype (CPUs with AVX-512 BF16 and "
-                   "GPUs from Ampere on). Validation stays in --dtype.")
-@click.option("--group-by-length", is_flag=True,
-              help=f"Sort the examples of every {GROUP_STEPS} steps by length into micro-batches, dealt out to those "
-                   "steps in a seeded random order: less padding, so faster steps.")
+@training_speed_options
 @click.option("--warmup", type=float, default=DISTILL_DEFAULTS.warmup, show_default=True,
               help="Fraction of the steps over which the learning rate rises linearly.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=DISTILL_DEFAULTS.eval_every, show_default=True,

@@ -24,9 +24,12 @@ def test_distill_writes_a_2_to_4_checkpoint(tiny_llama_dir, student, tsv, tmp_pa
     out = tmp_path / "kd"
     result = invoke("distill", str(student), "--teacher", str(tiny_llama_dir), "--data", str(tsv), "--lang-pair",
                     "de-en", "--valid", str(tsv), "--valid-sentences", "4", "--steps", "3", "--batch-size", "2",
-                    "--grad-accum", "1", "--max-len", "64", "--lr", "1e-3", "--device", "cpu", "--out", str(out))
+                    "--grad-accum", "1", "--max-len", "64", "--lr", "1e-3", "--device", "cpu", "--bf16",
+                    "--group-by-length", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "valid ppl before / after" in result.output and "pruned; KD alpha 0.5 at T=2" in result.output
+    config = json.loads((out / "almak_recipe.json").read_text())["distill"]["config"]
+    assert config["bf16"] is True and config["group_by_length"] is True
     report = json.loads((out / "sparsity_report.json").read_text())
     assert report == json.loads((student / "sparsity_report.json").read_text())
     assert json.loads((out / "almak_recipe.json").read_text())["distill"]["steps"] == 3
