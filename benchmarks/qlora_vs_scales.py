@@ -122,9 +122,11 @@ def main(argv=None) -> None:
         set_module(model, name, w.base)
     total = sum(w.base.out_features * w.base.in_features for w in wrappers.values())
     doc = {
-        "benchmark": "qlora-vs-scales", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "student": args.student, "teacher": args.teacher, "config": config.to_json(), "lora": {"rank": 16, "alpha": 32},
-        "layers": len(wrappers), "train_seconds": round(seconds, 1), "ppl_student": before, "ppl_lora_unmerged": unmerged,
+        "benchmark": "qlora-vs-scales",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "student": args.student, "teacher": args.teacher, "config": config.to_json(),
+        "lora": {"rank": 16, "alpha": 32}, "layers": len(wrappers), "train_seconds": round(seconds, 1),
+        "ppl_student": before, "ppl_lora_unmerged": unmerged,
         "ppl_merged_requantized": perplexity(model, lm.tokenizer, args.limit), "codes_changed": changed / total,
         "delta_below_half_step": sum(below_half) / len(below_half),
     }

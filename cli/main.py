@@ -715,6 +715,7 @@ def training_device(device: str, dtype: str) -> tuple[str, str]:
         dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     return device, dtype
 
+
 def training_speed_options(command):
     """--bf16 and --group-by-length, the switches finetune and distill share (see FinetuneConfig)."""
     command = click.option(
@@ -783,8 +784,8 @@ FINETUNE_DEFAULTS = FinetuneConfig()
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out (same settings).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lora_alpha, lora_dropout, steps, lr,
-             batch_size, grad_accum, max_len, bf16, group_by_length, warmup, eval_every, save_every, seed, prompt_family, device, dtype,
-             out_dir, resume, overwrite):
+             batch_size, grad_accum, max_len, bf16, group_by_length, warmup, eval_every, save_every, seed,
+             prompt_family, device, dtype, out_dir, resume, overwrite):
     """Fine-tune MODEL on human-written parallel data (ALMA's second stage), with LoRA or --full.
 
     The loss is on the reference's tokens only, after the prompt the model family expects. The result is a
@@ -899,8 +900,8 @@ DISTILL_DEFAULTS = DistillConfig(steps=200)
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out (same settings).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, temperature, steps, lr, batch_size,
-            grad_accum, max_len, bf16, group_by_length, warmup, eval_every, save_every, seed, prompt_family, device, dtype, out_dir, resume,
-            overwrite):
+            grad_accum, max_len, bf16, group_by_length, warmup, eval_every, save_every, seed, prompt_family, device,
+            dtype, out_dir, resume, overwrite):
     """Recover a pruned or quantized STUDENT by distilling its float --teacher on parallel data.
 
     STUDENT is an almak prune or almak quantize checkpoint. The loss on each reference token mixes the KL

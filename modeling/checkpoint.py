@@ -493,8 +493,7 @@ def _fill(layer: QuantLinear, packed: torch.Tensor, scale: torch.Tensor, zero: t
         layer.weight_zero_point = zero.to(scale.dtype).contiguous()
     if bias is not None:
         layer.bias = bias.contiguous()
-    layer.input_perm = perm
-    layer._cpu_cache = {}
+    layer.set_input_perm(perm)  # also drops the CPU-side cache
 
 
 def _match(name: str, target: str) -> bool:

@@ -105,8 +105,8 @@ class QuantLinear(nn.Module):
         """Declare that stored column j holds input column ``perm[j]`` (see the module docstring)."""
         if perm is not None:
             perm = perm.to(device=self.weight_packed.device, dtype=torch.int64)
-            if perm.shape != (self.in_features,) or not torch.equal(perm.sort().values,
-                                                                     torch.arange(self.in_features, device=perm.device)):
+            identity = torch.arange(self.in_features, device=perm.device)
+            if perm.shape != (self.in_features,) or not torch.equal(perm.sort().values, identity):
                 raise ValueError(f"input_perm must be a permutation of the {self.in_features} input columns")
         self.input_perm = perm
         self._cpu_cache = {}

@@ -173,7 +173,7 @@ def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_
 
     def finish_layer(index, layer, observers):
         for group in {id(o.group): o.group for o in observers.values()}.values():
-            linears = [layer.get_submodule(name) for name in group.names]
+            linears = group.modules  # the layer's own projections, still float
             for name, linear in zip(group.names, linears):
                 if not torch.isfinite(linear.weight).all():
                     raise AlmakError(f"model.layers.{index}.{name} has NaN or inf weights")
@@ -182,7 +182,8 @@ def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_
                 raise AlmakError(f"model.layers.{index}: {', '.join(group.names)} saw no calibration input")
             q, scales, zeros = group.gptq.quantize(config, keep_zero=keep)
             sizes = [linear.out_features for linear in linears]
-            parts = zip(q.split(sizes), scales.split(sizes), [None] * len(sizes) if zeros is None else zeros.split(sizes))
+            parts = zip(q.split(sizes), scales.split(sizes),
+                        [None] * len(sizes) if zeros is None else zeros.split(sizes))
             for name, linear, (q_i, s_i, z_i) in zip(group.names, linears, parts):
                 new = QuantLinear(linear.in_features, linear.out_features, config.bits, config.group_size,
                                   config.sym, linear.bias is not None, dtype=linear.weight.dtype,

@@ -152,13 +152,12 @@ class GPTQ:
         M = self._check_mask(keep_zero, device)
         W = torch.cat([m.weight.detach().to(device=device, dtype=torch.float32) for m in self.layers])
 
+        hdiag = torch.diag(self.H).clone()  # 2 x each input's sum of squares: the weight of its rounding error
         # Dead inputs (never nonzero in calibration) carry no information: their weights are dropped.
-        dead = torch.diag(self.H) == 0
+        dead = hdiag == 0
         W[:, dead] = 0
         if M is not None:
             W[M] = 0
-
-        hdiag = torch.diag(self.H).clone()  # each input's mean square: the weight of its rounding error
 
         def group_params(Wg: torch.Tensor, group_size: int, importance: torch.Tensor):
             if config.clip_search:
@@ -178,7 +177,7 @@ class GPTQ:
         group_of = torch.zeros(K, dtype=torch.long, device=device) if G == -1 else torch.arange(K, device=device) // G
         qmin, qmax = (0, 15) if bits == 4 else (-128, 127)
 
-        perm = (torch.argsort(torch.diag(self.H), descending=True) if config.act_order
+        perm = (torch.argsort(hdiag, descending=True) if config.act_order
                 else torch.arange(K, device=device))
         # A permuted copy: self.H stays intact until the solve succeeds, so a failed one can be retried.
         W, H = W[:, perm], self.H[perm][:, perm]
