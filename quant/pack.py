@@ -86,6 +86,29 @@ def _grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
     return W.reshape(N, groups, G)
 
 
+def _step(Wg: torch.Tensor, bits: int, sym: bool, shrink: torch.Tensor | float
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each group's quantization step over its range shrunk by ``shrink``, and the range's low end (None when
+    symmetric). Grouped weight ``Wg`` (N, groups, size); ``shrink`` a float or (N, groups). The range is
+    [-amax, amax] when symmetric, else [min, max] widened to hold 0; an all-zero group gets step 1 (its codes
+    are all zero point either way)."""
+    levels = 2**bits - 1  # 15 or 255 steps
+    if sym:
+        lo = None
+        s = Wg.abs().amax(dim=-1) * shrink / (levels / 2)
+    else:
+        lo = Wg.amin(dim=-1).clamp(max=0.0) * shrink
+        hi = Wg.amax(dim=-1).clamp(min=0.0) * shrink
+        s = (hi - lo) / levels
+    return torch.where(s > 0, s, torch.ones_like(s)), lo
+
+
+def _zero_point(lo: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """The signed zero point that puts the range's low end ``lo`` on the lowest code: lo / s + z = qmin."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return (qmin - torch.round(lo / s)).clamp(qmin, qmax)
+
+
 def quantize_rtn_groupwise(W: torch.Tensor, bits: int, group_size: int, sym: bool,
                            scale_dtype: torch.dtype | None = None, shrink: torch.Tensor | float = 1.0
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -120,16 +143,8 @@ def quantize_rtn_groupwise(W: torch.Tensor, bits: int, group_size: int, sym: boo
     scale_dtype = scale_dtype or W.dtype
     N, K = W.shape
     Wg = _grouped(W.float(), group_size)
-    levels = 2**bits - 1  # 15 or 255 steps
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1  # signed code range
-    if sym:
-        s = Wg.abs().amax(dim=-1) * shrink / (levels / 2)
-    else:
-        lo = Wg.amin(dim=-1).clamp(max=0.0) * shrink
-        hi = Wg.amax(dim=-1).clamp(min=0.0) * shrink
-        s = (hi - lo) / levels
-    # An all-zero group gets scale 1 (its codes are all zero-point either way).
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s, lo = _step(Wg, bits, sym, shrink)
     # Store the scale rounded up, never down, in scale_dtype (a scale rounded down would clip the range
     # ends by more than half a step), and compute codes against the stored value the kernels will read.
     stored = s.to(scale_dtype)
@@ -138,8 +153,7 @@ def quantize_rtn_groupwise(W: torch.Tensor, bits: int, group_size: int, sym: boo
     if sym:
         z = torch.zeros_like(s)
     else:
-        # Signed zero point: lo / s + z lands on qmin.
-        z = (qmin - torch.round(lo / s)).clamp(qmin, qmax)
+        z = _zero_point(lo, s, bits)
     q = (torch.round(Wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(qmin, qmax)
     q = q.reshape(N, -1)[:, :K]
     if bits == 4:
@@ -174,24 +188,14 @@ def search_clip(W: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dt
     # quantize_rtn_groupwise, signed codes; the padding of a ragged last group has importance 0.
     Wg = _grouped(W.float(), group_size)
     impg = _grouped(imp.unsqueeze(0), group_size)
-    levels = 2**bits - 1
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    if sym:
-        top = Wg.abs().amax(dim=-1, keepdim=True) / (levels / 2)
-    else:
-        lo0, hi0 = Wg.amin(dim=-1, keepdim=True).clamp(max=0.0), Wg.amax(dim=-1, keepdim=True).clamp(min=0.0)
     best_err = torch.full(Wg.shape[:2], float("inf"), device=W.device)
     best = torch.ones(Wg.shape[:2], device=W.device)
     for factor in grid:
-        if sym:
-            s = top * factor
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            deq = (Wg / s).round_().clamp_(qmin, qmax).mul_(s)
-        else:
-            s = (hi0 - lo0) * factor / levels
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            z = (qmin - torch.round(lo0 * factor / s)).clamp(qmin, qmax)
-            deq = (Wg / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+        s, lo = _step(Wg, bits, sym, factor)
+        z = torch.zeros_like(s) if sym else _zero_point(lo, s, bits)
+        s, z = s.unsqueeze(-1), z.unsqueeze(-1)
+        deq = (Wg / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
         err = deq.sub_(Wg).square_().mul_(impg).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
