@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything almak measures on a GPU, in one command that fits in ten minutes (`make gpu-check` runs it):
 #   1. kernel microbenchmarks, every kernel (benchmarks/results/<gpu>.json, written after each kernel);
-#   2. almak bench on a random-weight ALMA-7B: float, int8, int4, 2:4, 2:4-int4 in almak's loop
-#      (benchmarks/results/bench-alma-7b-<gpu>/), and float in transformers' forward (bench-alma-7b-hf-<gpu>/);
-#   3. the kernel, quantizer, pruner and layer tests on the GPU (no interpreter), in parallel.
+#   2. almak bench on a random-weight ALMA-7B: float, int8, int4, 2:4, 2:4-int4 in almak's loop with CUDA graphs
+#      (benchmarks/results/bench-alma-7b-<gpu>/), float and int4 in the same loop without them
+#      (bench-alma-7b-eager-<gpu>/), and float in transformers' forward (bench-alma-7b-hf-<gpu>/);
+#   3. the kernel, quantizer, pruner, layer and decoder tests on the GPU (no interpreter), in parallel; the
+#      decoder tests check CUDA-graph steps against eager ones and translate against transformers' generate.
 # Each step has its own time limit inside an overall budget (GPU_CHECK_BUDGET seconds, default 540), so a slow
 # step cannot starve the rest; logs and a summary go to LOG_DIR (default benchmarks/results/gpu-logs-<gpu>).
 # Needs torch, triton, transformers, click, tqdm, sacrebleu, safetensors, pytest (+ pytest-xdist, matplotlib if
@@ -42,10 +44,12 @@ step() {  # step NAME LIMIT_S COMMAND...: run with min(LIMIT_S, time left), log 
 } > "$LOG/summary.txt" 2>&1
 cat "$LOG/summary.txt"
 
-step kernels 200 "$PY" benchmarks/run_kernels.py
+step kernels 180 "$PY" benchmarks/run_kernels.py
 BENCH=(--batch-sizes 1,4,16 --prompt-len 128 --gen-len 64 --device cuda --overwrite)
 step bench 150 "$PY" -m almak.cli.main bench --shape alma-7b float int8 int4 2:4 2:4-int4 "${BENCH[@]}" \
     --out "benchmarks/results/bench-alma-7b-$GPU"
+step bench-eager 45 "$PY" -m almak.cli.main bench --shape alma-7b float int4 --no-cuda-graphs "${BENCH[@]}" \
+    --no-plot --out "benchmarks/results/bench-alma-7b-eager-$GPU"
 step bench-hf 50 "$PY" -m almak.cli.main bench --shape alma-7b float --engine hf "${BENCH[@]}" --no-plot \
     --out "benchmarks/results/bench-alma-7b-hf-$GPU"
 XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 12")
@@ -53,5 +57,6 @@ XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 12")
 # One config per kernel path (ALMAK_AUTOTUNE=0): the autotuned configs are checked by step 1's rel_err.
 step tests 600 env ALMAK_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider $XDIST -q --tb=short tests/kernels \
     tests/quant tests/sparse \
-    tests/modeling/test_quant_linear.py tests/modeling/test_sparse_linear.py
+    tests/modeling/test_quant_linear.py tests/modeling/test_sparse_linear.py tests/modeling/test_decoder.py \
+    tests/eval/test_generate.py::test_cuda_graphs_translate_like_transformers_generate
 tail -n 3 "$LOG/tests.log" 2>/dev/null | tee -a "$LOG/summary.txt"

@@ -127,6 +127,9 @@ def generation_options(f):
                      help="almak: almak's own loop (preallocated KV cache; finished sentences hand their "
                           "batch row to the next; LLaMA-family models). hf: transformers' generate, for "
                           "comparison or other architectures.")(f)
+    f = click.option("--cuda-graphs/--no-cuda-graphs", default=d.cuda_graphs, show_default=True,
+                     help="With --engine almak on CUDA: replay each decode step as a CUDA graph (captured on first "
+                          "use); --no-cuda-graphs runs it eagerly. No effect on the CPU.")(f)
     return f
 
 
@@ -183,7 +186,7 @@ def fmt(x, digits=2) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 @generation_options
 def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, input_path, output_path, overwrite,
-              num_beams, max_new_tokens, batch_size, engine):
+              num_beams, max_new_tokens, batch_size, engine, cuda_graphs):
     """Translate lines from SRC to TGT with MODEL, one output line per input line.
 
     MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
@@ -212,7 +215,7 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
     else:
         lines = read_lines(input_path, "input file")
     gen = GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           engine=engine)
+                           engine=engine, cuda_graphs=cuda_graphs)
     lm, family = load(model, device, dtype, prompt_family, quant_config(quant, group_size))
     with progress_bar("translate", len(lines)) as bar:
         result = run_translate(lm.model, lm.tokenizer, lines, Prompt(family, src, tgt), gen, bar.update)
@@ -242,7 +245,7 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
               help="json prints the whole report as one JSON object on stdout.")
 @generation_options
 def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, lang_pair, limit, metrics, comet_model, out_dir,
-             overwrite, fmt_, num_beams, max_new_tokens, batch_size, engine):
+             overwrite, fmt_, num_beams, max_new_tokens, batch_size, engine, cuda_graphs):
     """Translate a test set with MODEL and score it: BLEU, chrF, COMET, reference perplexity, speed, size.
 
     MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
@@ -259,7 +262,7 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, la
     config = EvalConfig(
         metrics=tuple(parse_metrics(metrics)), comet_model=comet_model,
         generation=GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    engine=engine),
+                                    engine=engine, cuda_graphs=cuda_graphs),
     )
     ts = load_testset(testset, lang_pair).head(limit)
     if out_dir:
@@ -516,13 +519,16 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="almak", show_default=True,
               help="almak: almak's generation loop (preallocated KV cache), as almak translate runs; hf: "
                    "transformers' forward with its dynamic cache (any architecture).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="With --engine almak on CUDA: replay each decode step as a CUDA graph, captured before timing; "
+                   "--no-cuda-graphs runs it eagerly. No effect on the CPU.")
 @click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, exists=True),
               help="An almak eval report.json (repeatable): adds quality_vs_bytes.png, perplexity (or chrF) against "
                    "weight bytes, labelled by the report's folder.")
 @click.option("--no-plot", is_flag=True, help="Write bench.json only (the plots need matplotlib).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shape, layers, engine, reports, out_dir,
-          no_plot, overwrite):
+def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shape, layers, engine, cuda_graphs,
+          reports, out_dir, no_plot, overwrite):
     """Measure MODELS side by side: prefill and decode tokens/s, latency per token, memory, weight bytes.
 
     MODELS are any model references (default: smollm2-135m), for example a float model and its almak
@@ -548,7 +554,8 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise AlmakError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
-    config = BenchConfig(batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, engine=engine)
+    config = BenchConfig(batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, engine=engine,
+                         cuda_graphs=cuda_graphs)
     out = Path(out_dir) if out_dir else None
     if out:
         check_new_output(out, overwrite)
@@ -601,7 +608,8 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
                      f"prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s "
                      f"({r['ms_per_token']:.1f} ms/step, {r['decode_speedup']:.2f}x {baseline}){mem}"))
     rows += [(f"{n} weights", f"{d['weight_bytes'] / 2**20:.1f} MiB") for n, d in info.items()]
-    print_table(rows, title=f"{device}, {engine} loop, {prompt_len} prompt + {gen_len} generated tokens, median of "
+    graphed = engine == "almak" and cuda_graphs and torch.device(device).type == "cuda"
+    print_table(rows, title=f"{device}, {engine} loop{' (CUDA graphs)' if graphed else ''}, {prompt_len} prompt + {gen_len} generated tokens, median of "
                             f"{repeats}")
     if out is None:
         return

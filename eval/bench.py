@@ -7,7 +7,8 @@ runs ``gen_len - 1`` greedy decode steps of one token per sequence on the model'
 padding, no stopping, so every variant does exactly the same work. Measurements are interleaved (for each
 repeat, for each batch size, every model in turn) so that machine noise hits all models alike, and each
 number is the median over ``repeats``. The loop is ``engine``'s: ``almak`` (the default) is almak's generation
-loop (:class:`almak.modeling.decoder.Decoder`: preallocated KV cache, allocated before the clock starts), what
+loop (:class:`almak.modeling.decoder.Decoder`: preallocated KV cache, allocated before the clock starts; on CUDA
+each decode step replays a CUDA graph captured before the clock starts, unless ``cuda_graphs=False``), what
 ``almak translate`` runs; ``hf`` is transformers' forward with its dynamic cache, for models almak's loop does not
 run and for comparison.
 """
@@ -115,6 +116,7 @@ class BenchConfig:
     repeats: int = 3
     seed: int = 0
     engine: str = "almak"  # almak: almak's generation loop; hf: transformers' forward and dynamic cache
+    cuda_graphs: bool = True  # almak's loop on CUDA: decode steps replay a CUDA graph captured before timing
 
     def __post_init__(self):
         from almak.eval.generate import ENGINES
@@ -144,8 +146,11 @@ def _cache_name() -> str:
 
 
 @torch.inference_mode()
-def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, engine: str = "almak") -> dict:
-    """One prefill + greedy decode measurement in ``engine``'s loop; returns seconds and tokens/s."""
+def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, engine: str = "almak",
+               cuda_graphs: bool = True) -> dict:
+    """One prefill + greedy decode measurement in ``engine``'s loop; returns seconds and tokens/s.
+
+    With ``cuda_graphs`` (almak's loop on CUDA) the decode graph is captured before the clock starts."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
@@ -155,7 +160,8 @@ def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, 
     if engine == "almak":
         from almak.modeling.decoder import Decoder
 
-        decoder = Decoder(model, batch, prompt_len + gen_len)
+        decoder = Decoder(model, batch, prompt_len + gen_len, graphs=cuda_graphs and device.type == "cuda")
+        decoder.capture(batch)
         _sync(device)
         t0 = time.perf_counter()
         token = decoder.add(ids.tolist()).argmax(-1)
@@ -191,13 +197,15 @@ def run_bench(models: dict[str, torch.nn.Module], config: BenchConfig,
     if not models:
         raise AlmakError("no models to benchmark")
     for model in models.values():  # warm-up: first-call allocations and caches
-        bench_once(model, 1, min(8, config.prompt_len), 2, config.seed, config.engine)
+        bench_once(model, 1, min(8, config.prompt_len), 2, config.seed, config.engine,
+                   config.cuda_graphs)
     runs: dict[tuple[str, int], list[dict]] = {}
     for _ in range(config.repeats):
         for batch in config.batch_sizes:
             for name, model in models.items():
                 runs.setdefault((name, batch), []).append(
-                    bench_once(model, batch, config.prompt_len, config.gen_len, config.seed, config.engine))
+                    bench_once(model, batch, config.prompt_len, config.gen_len, config.seed, config.engine,
+                               config.cuda_graphs))
                 if progress:
                     progress(1)
     records = []

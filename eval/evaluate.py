@@ -91,6 +91,7 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
         "num_beams": config.generation.num_beams,
         "max_new_tokens": config.generation.max_new_tokens,
         "engine": config.generation.engine,
+        "cuda_graphs": config.generation.cuda_graphs and next(model.parameters()).device.type == "cuda",
     }
     hyps: list[str] = []
     if set(config.metrics) - {"nll"}:

@@ -7,7 +7,7 @@ reaching the model.
 
 - ``almak`` (:class:`almak.modeling.decoder.Decoder`): a preallocated KV cache, finished sentences leave
   the batch at once and the next ones take their rows (greedy), so a batch never idles on its longest
-  sentence. Greedy outputs equal transformers' (tested). Beam search keeps, per sentence, the
+  sentence. On CUDA its decode step replays as a CUDA graph unless ``cuda_graphs=False``. Greedy outputs equal transformers' (tested). Beam search keeps, per sentence, the
   ``num_beams`` best running hypotheses among the top ``2 * num_beams`` candidates, retires a candidate
   that ends its line (or emits EOS) when it ranks within the top ``num_beams``, scores finished
   hypotheses by log-probability over length (the stop token included), and stops a sentence once it has
@@ -37,6 +37,7 @@ class GenerationConfig:
     max_new_tokens: int = 256  # ALMA's evaluation setting
     batch_size: int = 8
     engine: str = "almak"
+    cuda_graphs: bool = True  # almak engine on CUDA: replay the decode step as a CUDA graph (False: eager)
 
     def __post_init__(self):
         for name in ("num_beams", "max_new_tokens", "batch_size"):
@@ -173,7 +174,8 @@ def _decoder_for(model, sentences: list[int], ids, config, rows: int):
     """A Decoder of ``rows`` rows with room for the longest of ``sentences``' prompts and the budget."""
     from almak.modeling.decoder import Decoder
 
-    return Decoder(model, rows, max(len(ids[i]) for i in sentences) + config.max_new_tokens)
+    graphs = config.cuda_graphs and next(model.parameters()).device.type == "cuda"
+    return Decoder(model, rows, max(len(ids[i]) for i in sentences) + config.max_new_tokens, graphs=graphs)
 
 
 def _greedy(model, stop: LineStop, todo, ids, config, progress) -> dict[int, list[int]]:
@@ -214,10 +216,12 @@ def _beam_search(model, stop: LineStop, todo, ids, config, progress) -> dict[int
     """Beam search over groups of ``batch_size`` sentences; a finished sentence's beams leave the batch."""
     K = config.num_beams
     outputs: dict[int, list[int]] = {}
+    # One decoder for every group, so that captured CUDA graphs are reused from group to group.
+    decoder = _decoder_for(model, todo, ids, config, min(config.batch_size, len(todo)) * K)
+    device = decoder.device
     for b in range(0, len(todo), config.batch_size):
         group = todo[b : b + config.batch_size]
-        decoder = _decoder_for(model, group, ids, config, len(group) * K)
-        device = decoder.device
+        decoder.keep(torch.zeros(0, dtype=torch.long))  # empty: the last group may leave rows behind
         logits = decoder.add([ids[i] for i in group])
         beams = torch.arange(len(group), device=device).repeat_interleave(K)
         decoder.keep(beams)

@@ -13,6 +13,17 @@ prompts join as rows free up (``add``), so a batch stays full while its sentence
 
 Every row keeps its tokens in key slots ``0..length`` and its positions count from 0, as transformers'
 generate numbers left-padded rows; slots past a row's length are masked out of attention.
+
+On CUDA the decode step runs as a CUDA graph (``graphs=True``, the default there): hundreds of small
+kernel launches per token cost more than a 7B model's int4 weights take to read at batch 1. A graph needs
+fixed shapes and no host synchronization inside, so the graphed step is the *static* step: it runs a
+bucket of rows (the next power of two at or above the live rows, or the whole batch) with inputs copied
+into fixed buffers, and attends over all ``max_len`` slots with the same mask. Rows past the live ones
+compute on stale inputs and write only to their own free cache rows, which ``add`` overwrites before any
+live row reads them. Each bucket is captured once, on its first use, after one eager warm-up run (Triton
+autotuning, lazy caches); the warm-up writes the same cache entries as the step it precedes, so capture
+changes no result. ``static=True`` runs the same static step eagerly, on any device (tests, the eager
+fallback's twin); ``graphs=False`` is the plain eager fallback.
 """
 from __future__ import annotations
 
@@ -56,7 +67,7 @@ class Decoder:
     Each row holds its own sequence from key slot 0 on, with its own length; rows ``[0, rows)`` are live.
     """
 
-    def __init__(self, model, batch: int, max_len: int):
+    def __init__(self, model, batch: int, max_len: int, graphs: bool | None = None, static: bool = False):
         check_supported(model)
         self.model = model
         self.layers = model.model.layers
@@ -76,6 +87,17 @@ class Decoder:
         self.rows = 0
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)  # filled slots per row
         self.slots = torch.arange(max_len, device=self.device)
+        on_cuda = self.device.type == "cuda"
+        self.graphs = on_cuda if graphs is None else graphs
+        if self.graphs and not on_cuda:
+            raise AlmakError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
+        self.static = self.graphs or static
+        # The static step's fixed inputs; rows past the live ones keep stale but valid values.
+        self._tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.buckets = sorted({min(2**i, batch) for i in range(batch.bit_length() + 1)})
+        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None  # one memory pool shared by every captured bucket (they never run at once)
 
     def add(self, prompts: list[list[int]]) -> torch.Tensor:
         """Append rows holding ``prompts`` (token ids); returns each one's next-token logits, (n, vocab).
@@ -107,6 +129,8 @@ class Decoder:
         if int(positions.max()) >= self.max_len:
             raise AlmakError(f"the KV cache is full ({self.max_len} positions)")
         self.lengths[:rows] += 1
+        if self.static:
+            return self._static_step(tokens.view(rows), positions)
         end = int(positions.max()) + 1
         allowed = (self.slots[:end] <= positions[:, None])[:, None, None]
         return self._forward(tokens.view(rows, 1), positions[:, None], allowed, 0, start=positions, last=None)
@@ -120,6 +144,51 @@ class Decoder:
             buf[:n, :, :filled] = buf[index, :, :filled]
         self.lengths[:n] = self.lengths[index]
         self.rows = n
+
+    def capture(self, rows: int) -> None:
+        """Capture now the graph that steps of ``rows`` live rows will replay (a no-op without graphs), so
+        that its warm-up and recording stay out of a timed run. Only before the first ``add``: the warm-up
+        then writes only to free rows."""
+        if self.rows:
+            raise AlmakError(f"capture before adding rows; {self.rows} rows are live")
+        bucket = next(b for b in self.buckets if b >= rows)
+        if self.graphs and bucket not in self._captured:
+            self._captured[bucket] = self._capture(bucket)
+
+    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The step over the smallest bucket holding the live rows, eagerly or by replaying its graph."""
+        rows = tokens.numel()
+        bucket = next(b for b in self.buckets if b >= rows)
+        self._tokens[:rows] = tokens
+        self._positions[:rows] = positions
+        if not self.graphs:
+            return self._bucket_forward(bucket)[:rows]
+        if bucket not in self._captured:
+            self._captured[bucket] = self._capture(bucket)
+        graph, logits = self._captured[bucket]
+        graph.replay()
+        return logits[:rows].clone()  # the next replay overwrites the graph's output
+
+    def _bucket_forward(self, bucket: int) -> torch.Tensor:
+        """One token for each of rows ``0..bucket`` from the fixed buffers, attending over every slot."""
+        positions = self._positions[:bucket]
+        allowed = (self.slots <= positions[:, None])[:, None, None]
+        return self._forward(self._tokens[:bucket, None], positions[:, None], allowed, 0, start=positions,
+                             last=None)
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm ``bucket``'s step up on a side stream, then record it; returns the graph and its output."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._bucket_forward(bucket)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._bucket_forward(bucket)
+        self._pool = graph.pool()
+        return graph, logits
 
     def _forward(self, input_ids, positions, allowed, first: int, start, last) -> torch.Tensor:
         """Run rows ``first..first+len(input_ids)``; ``start`` is slot 0 (prefill) or each row's slot (step)."""

@@ -40,6 +40,39 @@ def test_beam_search_equals_transformers_on_the_embedded_model(smollm, sources):
     assert runs[0] == runs[1]
 
 
+def test_static_step_translates_like_the_dynamic_step(smollm, sources, monkeypatch):
+    """The static step that CUDA graphs replay, run eagerly on the CPU inside translate: greedy with rows
+    leaving and joining, and beam search over two groups in one decoder, give the same text as before."""
+    from almak.modeling.decoder import Decoder
+
+    configs = [GenerationConfig(num_beams=1, max_new_tokens=40, batch_size=4),
+               GenerationConfig(num_beams=3, max_new_tokens=40, batch_size=2)]
+    prompt = Prompt("alma", "de", "en")
+    want = [translate(smollm.model, smollm.tokenizer, sources[:5], prompt, c).raw for c in configs]
+    init, static_steps = Decoder.__init__, []
+
+    def static_init(self, *args, **kwargs):
+        init(self, *args, **kwargs, static=True)
+        static_steps.append(self)
+
+    monkeypatch.setattr(Decoder, "__init__", static_init)
+    got = [translate(smollm.model, smollm.tokenizer, sources[:5], prompt, c).raw for c in configs]
+    assert len(static_steps) == 2  # one decoder per run, beam search's two groups included
+    assert got == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_translate_like_transformers_generate(sources):
+    from almak.modeling.load import load_model
+
+    lm = load_model("smollm2-135m", device="cuda", dtype="float32")
+    runs = {}
+    for engine, graphs in (("almak", True), ("almak", False), ("hf", False)):
+        config = GenerationConfig(num_beams=1, max_new_tokens=40, batch_size=4, engine=engine, cuda_graphs=graphs)
+        runs[engine, graphs] = translate(lm.model, lm.tokenizer, sources, Prompt("alma", "de", "en"), config).raw
+    assert runs["almak", True] == runs["almak", False] == runs["hf", False]
+
+
 class PieceTokenizer:
     """Just enough tokenizer for LineStop: token i decodes to PIECES[i]."""
 

@@ -58,6 +58,68 @@ def test_matches_transformers_through_add_step_keep(kind, overrides):
         torch.testing.assert_close(dec.step(torch.tensor([41] * 4)), reference(model, seqs), **TOL)
 
 
+def test_static_step_matches_transformers_across_buckets():
+    """The static step (what a CUDA graph replays) over buckets of 1, 2, 4 and 5 rows: live rows grow and shrink,
+    rows past the live ones compute on stale inputs, and every live row still gets transformers' logits."""
+    model = tiny("llama")
+    dec = Decoder(model, batch=5, max_len=40, static=True)
+    assert dec.buckets == [1, 2, 4, 5]
+    seqs = [[5, 7, 9, 11, 13, 2, 3]]
+    with torch.no_grad():
+        dec.add(seqs)
+        for rows_after, token in ((1, 17), (3, 19), (5, 23), (2, 29), (4, 31)):
+            if rows_after > len(seqs):  # new rows join, shorter and longer than the live ones
+                new = [[3 + i] * (2 + 4 * i) for i in range(rows_after - len(seqs))]
+                dec.add(new)
+                seqs += new
+            elif rows_after < len(seqs):  # the last rows leave, the first two swap
+                order = [1, 0] + list(range(2, rows_after))
+                dec.keep(torch.tensor(order))
+                seqs = [seqs[i] for i in order]
+            seqs = [s + [token] for s in seqs]
+            got = dec.step(torch.tensor([token] * len(seqs)))
+            torch.testing.assert_close(got, reference(model, seqs), **TOL)
+
+
+def test_cuda_graphs_need_cuda():
+    with pytest.raises(AlmakError, match="CUDA graphs need the model on a CUDA device"):
+        Decoder(tiny("llama"), batch=1, max_len=8, graphs=True)
+    assert not Decoder(tiny("llama"), batch=1, max_len=8).graphs  # off by default on the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("quantized", [False, True])
+def test_cuda_graph_steps_equal_eager_steps(tiny_llama_dir, quantized):
+    """Replayed graphs (captured on first use of each bucket, and ahead of time) give the eager step's logits."""
+    from transformers import LlamaForCausalLM
+
+    from almak.modeling.surgery import QuantConfig, quantize_
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float16).eval()
+    if quantized:
+        quantize_(model, QuantConfig(bits=4, group_size=32))
+    model.cuda()
+    eager = Decoder(model, batch=4, max_len=64, graphs=False)
+    graphed = Decoder(model, batch=4, max_len=64)
+    assert graphed.graphs
+    graphed.capture(4)
+    tokens = torch.tensor([11, 12, 13], device="cuda")
+    with torch.no_grad():
+        for dec in (eager, graphed):
+            dec.add([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
+        for step in range(6):
+            if step == 3:  # a row leaves: the 2-row bucket is captured on first use
+                for dec in (eager, graphed):
+                    dec.keep(torch.tensor([2, 0]))
+                tokens = tokens[:2]
+            want, got = eager.step(tokens), graphed.step(tokens)
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+            tokens = want.argmax(-1)
+    assert sorted(graphed._captured) == [2, 4]
+    with pytest.raises(AlmakError, match="capture before adding rows"):
+        graphed.capture(1)
+
+
 def test_runs_quantized_layers(tiny_llama_dir):
     from transformers import LlamaForCausalLM
 
