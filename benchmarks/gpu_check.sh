@@ -57,6 +57,7 @@ XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 12")
 # One config per kernel path (ALMAK_AUTOTUNE=0): the autotuned configs are checked by step 1's rel_err.
 step tests 600 env ALMAK_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider $XDIST -q --tb=short tests/kernels \
     tests/quant tests/sparse \
-    tests/modeling/test_quant_linear.py tests/modeling/test_sparse_linear.py tests/modeling/test_decoder.py \
-    tests/eval/test_generate.py::test_cuda_graphs_translate_like_transformers_generate
+    tests/modeling/test_quant_linear.py tests/modeling/test_sparse_linear.py \
+    tests/modeling/test_decoder.py::test_cuda_graph_steps_equal_eager_steps \
+    tests/eval/test_generate.py::test_cuda_graphs_translate_like_eager_steps_and_generate
 tail -n 3 "$LOG/tests.log" 2>/dev/null | tee -a "$LOG/summary.txt"

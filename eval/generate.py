@@ -150,8 +150,12 @@ def _generate_hf(model, tokenizer, todo, prompts, add_special, eos, config, prog
     outputs = {}
     for b in range(0, len(todo), config.batch_size):
         batch = todo[b : b + config.batch_size]
-        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                        add_special_tokens=add_special).to(device)
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generate continues the last column
+        try:
+            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=add_special).to(device)
+        finally:
+            tokenizer.padding_side = side
         prompt_len = enc["input_ids"].shape[1]
         out = model.generate(
             **enc,

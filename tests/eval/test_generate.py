@@ -61,16 +61,58 @@ def test_static_step_translates_like_the_dynamic_step(smollm, sources, monkeypat
     assert got == want
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_translate_like_transformers_generate(sources):
-    from almak.modeling.load import load_model
+def byte_tokenizer():
+    """A byte-level tokenizer built here (no files): 256 byte tokens, then </s> and <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    lm = load_model("smollm2-135m", device="cuda", dtype="float32")
-    runs = {}
-    for engine, graphs in (("almak", True), ("almak", False), ("hf", False)):
-        config = GenerationConfig(num_beams=1, max_new_tokens=40, batch_size=4, engine=engine, cuda_graphs=graphs)
-        runs[engine, graphs] = translate(lm.model, lm.tokenizer, sources, Prompt("alma", "de", "en"), config).raw
-    assert runs["almak", True] == runs["almak", False] == runs["hf", False]
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"</s>": len(vocab), "<pad>": len(vocab) + 1})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>")
+
+
+def random_llama(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)).eval()
+
+
+def test_hf_engine_pads_left_whatever_the_tokenizer_says(sources):
+    """transformers' generate continues each row's last column: a tokenizer that pads on the right (as
+    Llama-3's does) must still be padded on the left, and is left as it was."""
+    tok = byte_tokenizer()
+    assert tok.padding_side == "right"
+    model = random_llama(tok)
+    runs = [translate(model, tok, sources, Prompt("alma", "de", "en"),
+                      GenerationConfig(num_beams=1, max_new_tokens=12, batch_size=4, engine=engine)).raw
+            for engine in ("almak", "hf")]
+    assert runs[0] == runs[1]
+    assert tok.padding_side == "right"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_translate_like_eager_steps_and_generate(sources):
+    """On a random-weight LLaMA with a byte tokenizer (nothing to download on a GPU machine): greedy with rows
+    joining, and beam search over two groups, give the same text with and without CUDA graphs; greedy also
+    equals transformers' generate."""
+    tok = byte_tokenizer()
+    model = random_llama(tok).cuda()
+    prompt = Prompt("alma", "de", "en")
+    for beams, engines in ((1, ("almak", "hf")), (3, ("almak",))):
+        runs = []
+        for engine, graphs in [("almak", True), ("almak", False)] + [(e, False) for e in engines if e == "hf"]:
+            config = GenerationConfig(num_beams=beams, max_new_tokens=24, batch_size=4 if beams == 1 else 2,
+                                      engine=engine, cuda_graphs=graphs)
+            runs.append(translate(model, tok, sources, prompt, config).raw)
+        assert all(r == runs[0] for r in runs[1:]), beams
+        assert all(runs[0])
 
 
 class PieceTokenizer:

@@ -89,13 +89,11 @@ def test_cuda_graphs_need_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("quantized", [False, True])
-def test_cuda_graph_steps_equal_eager_steps(tiny_llama_dir, quantized):
+def test_cuda_graph_steps_equal_eager_steps(quantized):
     """Replayed graphs (captured on first use of each bucket, and ahead of time) give the eager step's logits."""
-    from transformers import LlamaForCausalLM
-
     from almak.modeling.surgery import QuantConfig, quantize_
 
-    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float16).eval()
+    model = tiny("llama").half()
     if quantized:
         quantize_(model, QuantConfig(bits=4, group_size=32))
     model.cuda()
