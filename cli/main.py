@@ -609,8 +609,8 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
                      f"({r['ms_per_token']:.1f} ms/step, {r['decode_speedup']:.2f}x {baseline}){mem}"))
     rows += [(f"{n} weights", f"{d['weight_bytes'] / 2**20:.1f} MiB") for n, d in info.items()]
     graphed = engine == "almak" and cuda_graphs and torch.device(device).type == "cuda"
-    print_table(rows, title=f"{device}, {engine} loop{' (CUDA graphs)' if graphed else ''}, {prompt_len} prompt + {gen_len} generated tokens, median of "
-                            f"{repeats}")
+    loop = f"{engine} loop" + (" (CUDA graphs)" if graphed else "")
+    print_table(rows, title=f"{device}, {loop}, {prompt_len} prompt + {gen_len} generated tokens, median of {repeats}")
     if out is None:
         return
     doc = {"benchmark": "almak bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

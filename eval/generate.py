@@ -7,8 +7,9 @@ reaching the model.
 
 - ``almak`` (:class:`almak.modeling.decoder.Decoder`): a preallocated KV cache, finished sentences leave
   the batch at once and the next ones take their rows (greedy), so a batch never idles on its longest
-  sentence. On CUDA its decode step replays as a CUDA graph unless ``cuda_graphs=False``. Greedy outputs equal transformers' (tested). Beam search keeps, per sentence, the
-  ``num_beams`` best running hypotheses among the top ``2 * num_beams`` candidates, retires a candidate
+  sentence. On CUDA its decode step replays as a CUDA graph unless ``cuda_graphs=False``. Greedy outputs
+  equal transformers' (tested). Beam search keeps, per sentence, the ``num_beams`` best running
+  hypotheses among the top ``2 * num_beams`` candidates, retires a candidate
   that ends its line (or emits EOS) when it ranks within the top ``num_beams``, scores finished
   hypotheses by log-probability over length (the stop token included), and stops a sentence once it has
   ``num_beams`` finished hypotheses (transformers' ``early_stopping=True``).

@@ -14,8 +14,9 @@ prompts join as rows free up (``add``), so a batch stays full while its sentence
 Every row keeps its tokens in key slots ``0..length`` and its positions count from 0, as transformers'
 generate numbers left-padded rows; slots past a row's length are masked out of attention.
 
-On CUDA the decode step runs as a CUDA graph (``graphs=True``, the default there): hundreds of small
-kernel launches per token cost more than a 7B model's int4 weights take to read at batch 1. A graph needs
+On CUDA the decode step runs as a CUDA graph (``graphs=True``, the default there): at batch 1, issuing a
+7B model's several hundred small kernels one by one from Python takes milliseconds, longer than reading its
+int4 weights (about 3.5 GB) takes on an H100. A graph needs
 fixed shapes and no host synchronization inside, so the graphed step is the *static* step: it runs a
 bucket of rows (the next power of two at or above the live rows, or the whole batch) with inputs copied
 into fixed buffers, and attends over all ``max_len`` slots with the same mask. Rows past the live ones
