@@ -348,8 +348,8 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
              prompt_family, device, dtype, out_dir, overwrite):
     """Quantize MODEL's decoder-layer projections to 4 or 8 bits and write a checkpoint.
 
-    The checkpoint loads in almak (almak translate/eval DIR), in transformers with the compressed-tensors
-    package, and in vLLM. MODEL: smollm2-135m (default), a Hugging Face folder, a .gguf file, a hub id, or
+    The checkpoint loads in almak (almak translate/eval DIR) and in transformers with the compressed-tensors
+    package, in the layout vLLM reads (not yet run there; see the README for its kernels' limits). MODEL: smollm2-135m (default), a Hugging Face folder, a .gguf file, a hub id, or
     a checkpoint of almak prune: its zeros are kept (GPTQ compensates around them), and 2:4 layers become
     2:4 + int4 layers.
 
@@ -916,8 +916,8 @@ def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, te
     divergence to the teacher's next-token distribution (at --temperature) with cross-entropy on the reference.
     The student keeps its structure: pruned layers train their kept weights only (2:4 stays 2:4), quantized
     layers keep their integer codes and train their scales; embeddings, norms and lm_head stay frozen. The
-    result is a checkpoint of the same kind: almak eval / translate / bench take it, transformers and vLLM
-    load it as they load the student.
+    result is a checkpoint of the same kind: almak eval / translate / bench take it, and transformers
+    loads it as it loads the student.
 
     \b
     Examples:
