@@ -159,7 +159,7 @@ def _generate_hf(model, tokenizer, todo, prompts, add_special, eos, config, prog
             tokenizer.padding_side = side
         prompt_len = enc["input_ids"].shape[1]
         out = model.generate(
-            **enc,
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],  # not token_type_ids, if any
             do_sample=False,
             num_beams=config.num_beams,
             max_new_tokens=config.max_new_tokens,
