@@ -186,8 +186,12 @@ class Decoder:
             self._bucket_forward(bucket)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._bucket_forward(bucket)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._bucket_forward(bucket)
+        except RuntimeError as e:  # an operation that cannot be recorded: say how to run without graphs
+            raise AlmakError(f"recording the decode step of {bucket} rows as a CUDA graph failed ({e}); "
+                             f"--no-cuda-graphs (cuda_graphs=False) runs it eagerly") from e
         self._pool = graph.pool()
         return graph, logits
 

@@ -87,6 +87,78 @@ def test_cuda_graphs_need_cuda():
     assert not Decoder(tiny("llama"), batch=1, max_len=8).graphs  # off by default on the CPU
 
 
+def fake_cuda_graphs(monkeypatch, decoder, fail=False) -> list[int]:
+    """torch.cuda's stream and graph calls, faked for a CPU run of ``decoder`` (with ``graphs`` on): recording
+    runs nothing and returns an output full of NaN, and a replay recomputes the recorded bucket's step from the
+    decoder's fixed buffers into that output, in place, as a CUDA graph does; with ``fail`` recording raises,
+    as an operation that cannot be captured does. Returns the list of buckets recorded, in order."""
+    import contextlib
+
+    recorded = []
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    class Graph:
+        def replay(self):
+            self.out.copy_(Decoder._bucket_forward(decoder, self.bucket))
+
+        def pool(self):
+            return None
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        monkeypatch.setattr(decoder, "_bucket_forward", lambda bucket: torch.full((bucket, 101), float("nan")))
+        yield
+        monkeypatch.delattr(decoder, "_bucket_forward")
+
+    def capture(bucket):
+        g, out = Decoder._capture(decoder, bucket)
+        g.out, g.bucket = out, bucket
+        recorded.append(bucket)
+        return g, out
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(decoder, "_capture", capture)
+    return recorded
+
+
+def test_graph_orchestration_with_faked_cuda(monkeypatch):
+    """Buckets are recorded once, ahead of time or on first use, then replayed; what a step returns survives
+    the next replay; a failed recording names --no-cuda-graphs. (The real capture runs in make gpu-check.)"""
+    model = tiny("llama")
+    dec = Decoder(model, batch=4, max_len=40, static=True)
+    dec.graphs = True
+    recorded = fake_cuda_graphs(monkeypatch, dec)
+    dec.capture(3)
+    seqs = [[5, 7, 9], [4, 8, 1, 2], [6]]
+    with torch.no_grad():
+        dec.add(seqs)
+        steps = []
+        for token in (17, 19, 23):  # 3 rows: bucket 4, recorded ahead of time
+            seqs = [s + [token] for s in seqs]
+            steps.append((dec.step(torch.tensor([token] * 3)), reference(model, seqs)))
+        for got, want in steps:  # each step's logits are its own, not the graph's output buffer
+            torch.testing.assert_close(got, want, **TOL)
+        dec.keep(torch.tensor([2]))
+        seqs = [seqs[2] + [29]]
+        torch.testing.assert_close(dec.step(torch.tensor([29])), reference(model, seqs), **TOL)  # bucket 1
+    assert recorded == [4, 1]
+    with pytest.raises(AlmakError, match="capture before adding rows"):
+        dec.capture(2)
+
+    failing = Decoder(model, batch=2, max_len=40, static=True)
+    failing.graphs = True
+    fake_cuda_graphs(monkeypatch, failing, fail=True)
+    with torch.no_grad(), pytest.raises(AlmakError, match="as a CUDA graph failed .*--no-cuda-graphs"):
+        failing.add([[1, 2]])
+        failing.step(torch.tensor([3]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("quantized", [False, True])
 def test_cuda_graph_steps_equal_eager_steps(quantized):
