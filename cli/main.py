@@ -362,7 +362,7 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     from almak.eval.evaluate import check_new_output
     from almak.eval.prompts import guess_family
     from almak.modeling.calibrate import decoder_layers
-    from almak.modeling.checkpoint import read_recipe, save_quantized
+    from almak.modeling.checkpoint import read_recipe, save_quantized, vllm_limits
     from almak.modeling.load import weight_bytes
     from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, quantize_model, sparsify_
 
@@ -409,6 +409,7 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
         ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB"),
         ("time", f"{seconds:.1f} s"),
         ("peak memory", peak),
+        ("vLLM", "; ".join(vllm_limits(lm.model)) or "the layout vLLM reads (not yet run there)"),
         ("written to", out_dir),
     ])
 
@@ -455,7 +456,7 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
     from almak.eval.evaluate import check_new_output
     from almak.eval.prompts import guess_family
     from almak.modeling.calibrate import decoder_layers
-    from almak.modeling.checkpoint import save_pruned
+    from almak.modeling.checkpoint import save_pruned, vllm_limits
     from almak.modeling.load import weight_bytes
     from almak.modeling.prune import PruneRecipe, prune_model
     from almak.modeling.surgery import sparsify_
@@ -493,6 +494,8 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
              + ("" if stored_24 else " (unstructured: stored dense)")),
             ("time", f"{seconds:.1f} s"), ("peak memory", peak)]
     rows += _per_layer_rows(report["layers"])
+    if stored_24:
+        rows.append(("vLLM", "; ".join(vllm_limits(lm.model))))
     rows.append(("written to", out_dir))
     print_table(rows)
 

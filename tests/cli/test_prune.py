@@ -18,6 +18,7 @@ def test_prune_24_then_eval_then_quantize(tiny_llama_dir, tmp_path):
                                        "--skip", "layers.0.self_attn", *FAST, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "layers pruned        10 (10 stored 2:4-compressed)" in result.output
+    assert "current vLLM does not load 2:4" in result.output
     assert "4 (4 by --skip layers.0.self_attn)" in result.output
     assert "layer 1              q 50% k 50% v 50% o 50% gate 50% up 50% down 50%" in result.output
     recipe = json.loads((out / "almak_recipe.json").read_text())

@@ -20,6 +20,7 @@ def test_gptq_checkpoint_then_eval_and_translate(tiny_llama_dir, tmp_path):
     recipe = json.loads((out / "almak_recipe.json").read_text())
     assert recipe["method"] == "gptq" and recipe["nsamples"] == 8 and recipe["calib"] == "alma"
     assert recipe["clip_search"] is True and "clip search" in result.output  # on by default for GPTQ
+    assert "float32 scales: vLLM rounds them" in result.output  # quantized on the CPU, in float32
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
 

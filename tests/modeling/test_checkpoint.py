@@ -481,3 +481,15 @@ def test_float_folder_is_not_a_quantized_checkpoint(tiny_llama_dir):
     assert not is_compressed_checkpoint(tiny_llama_dir) and not is_gptq_checkpoint(tiny_llama_dir)
     with pytest.raises(AlmakError, match="not a compressed-tensors pack-quantized / sparse-24-bitmask or GPTQ"):
         load_quantized(tiny_llama_dir)
+
+
+def test_vllm_limits_name_what_vllm_kernels_will_not_run():
+    from almak.modeling.sparse_linear import Sparse24Linear
+
+    layers = torch.nn.ModuleDict({"ok": QuantLinear(256, 64, bits=4, group_size=64, sym=False, dtype=torch.float16)})
+    assert checkpoint.vllm_limits(layers) == []
+    layers["g256_int8_asym"] = QuantLinear(256, 64, bits=8, group_size=256, sym=False, dtype=torch.float32)
+    notes = checkpoint.vllm_limits(layers)
+    assert len(notes) == 3 and "not 256" in notes[0] and "asymmetric int8" in notes[1] and "float32" in notes[2]
+    layers["sparse"] = Sparse24Linear(64, 64, device="meta")
+    assert "2:4" in checkpoint.vllm_limits(layers)[0]
