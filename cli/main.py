@@ -349,7 +349,9 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     """Quantize MODEL's decoder-layer projections to 4 or 8 bits and write a checkpoint.
 
     The checkpoint loads in almak (almak translate/eval DIR) and in transformers with the compressed-tensors
-    package, in the layout vLLM reads (not yet run there; see the README for its kernels' limits). MODEL: smollm2-135m (default), a Hugging Face folder, a .gguf file, a hub id, or
+    package, in the layout vLLM reads (not yet run there; see the README for its kernels' limits).
+
+    MODEL: smollm2-135m (default), a Hugging Face folder, a .gguf file, a hub id, or
     a checkpoint of almak prune: its zeros are kept (GPTQ compensates around them), and 2:4 layers become
     2:4 + int4 layers.
 

@@ -185,13 +185,14 @@ def vllm_limits(model: nn.Module) -> list[str]:
     notes = []
     if _sparse_layers(model):
         notes.append("current vLLM does not load 2:4 (sparse) compressed-tensors checkpoints")
-    schemes = {_scheme_key(m) for m in _quant_layers(model).values()}
+    quant = _quant_layers(model).values()
+    schemes = {_scheme_key(m) for m in quant}
     groups = sorted({g for _, g, _ in schemes if g not in (-1, 32, 64, 128)})
     if groups:
         notes.append(f"vLLM's int4/int8 kernels take group size -1, 32, 64 or 128, not {groups[0]}")
     if any(bits == 8 and not sym for bits, _, sym in schemes):
         notes.append("asymmetric int8 has a vLLM kernel on Hopper GPUs only (Machete)")
-    if any(m.weight_scale.dtype == torch.float32 for m in _quant_layers(model).values()):
+    if any(m.weight_scale.dtype == torch.float32 for m in quant):
         notes.append("float32 scales: vLLM rounds them to its fp16/bf16 (quantize on a GPU to avoid)")
     return notes
 

@@ -127,12 +127,13 @@ class Decoder:
         """Feed one token to every live row; returns the next-token logits, (rows, vocab)."""
         rows = self.rows
         positions = self.lengths[:rows].clone()
-        if int(positions.max()) >= self.max_len:
+        last = int(positions.max())  # one host sync per step
+        if last >= self.max_len:
             raise AlmakError(f"the KV cache is full ({self.max_len} positions)")
         self.lengths[:rows] += 1
         if self.static:
             return self._static_step(tokens.view(rows), positions)
-        end = int(positions.max()) + 1
+        end = last + 1
         allowed = (self.slots[:end] <= positions[:, None])[:, None, None]
         return self._forward(tokens.view(rows, 1), positions[:, None], allowed, 0, start=positions, last=None)
 
@@ -152,14 +153,14 @@ class Decoder:
         then writes only to free rows."""
         if self.rows:
             raise AlmakError(f"capture before adding rows; {self.rows} rows are live")
-        bucket = next(b for b in self.buckets if b >= rows)
+        bucket = self._bucket(rows)
         if self.graphs and bucket not in self._captured:
             self._captured[bucket] = self._capture(bucket)
 
     def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The step over the smallest bucket holding the live rows, eagerly or by replaying its graph."""
         rows = tokens.numel()
-        bucket = next(b for b in self.buckets if b >= rows)
+        bucket = self._bucket(rows)
         self._tokens[:rows] = tokens
         self._positions[:rows] = positions
         if not self.graphs:
@@ -169,6 +170,10 @@ class Decoder:
         graph, logits = self._captured[bucket]
         graph.replay()
         return logits[:rows].clone()  # the next replay overwrites the graph's output
+
+    def _bucket(self, rows: int) -> int:
+        """The smallest bucket that holds ``rows`` rows."""
+        return next(b for b in self.buckets if b >= rows)
 
     def _bucket_forward(self, bucket: int) -> torch.Tensor:
         """One token for each of rows ``0..bucket`` from the fixed buffers, attending over every slot."""
