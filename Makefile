@@ -6,7 +6,7 @@ VENV ?= .venv
 COMET_VENV ?= .venv-comet
 PIP_QUIET ?= -q
 
-.PHONY: demo test test-core test-comet bench-kernels gpu-check smollm2-135m-mt clean
+.PHONY: demo test test-core test-comet bench-kernels kernel-report gpu-check smollm2-135m-mt clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,18 @@ test: test-core test-comet
 test-core: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest
 
+# The static compile report's checks (tests marked static_report) run in test-core only: same kernels, same Triton.
 test-comet: $(COMET_VENV)/.installed
-	ALMAK_REQUIRE_COMET=1 $(COMET_VENV)/bin/python -m pytest
+	ALMAK_REQUIRE_COMET=1 $(COMET_VENV)/bin/python -m pytest -m "not static_report"
 
 # Kernel microbenchmarks on this machine's device; writes benchmarks/results/<device>.json.
 bench-kernels: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/run_kernels.py
+
+# The static report: every kernel config compiled for sm_80..sm_120 without a GPU, with PREDICTED speedups
+# (benchmarks/results/static-report.json and .png; a few minutes on 2 cores).
+kernel-report: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/kernel_report.py
 
 # The recipe of the shipped adapter data/adapters/smollm2-135m-mt (the alias smollm2-135m-mt): LoRA on ALMA's de-en
 # and en-de pairs, then the adapter weights stored as float16 (half the bytes; they load back into float32).

@@ -13,8 +13,10 @@ only when asked (``--kernels sparse24``): their ``almak`` there is the auto path
 on every call, whereas almak's 2:4 layers expand the weight once and run the dense matmul. Each record holds the median time, the
 speedup over that dense baseline and over dequantize + matmul, and the achieved weight bandwidth: bytes of
 the weight as the provider reads it (packed codes + scales + zeros for quantized providers, kept values +
-meta for 2:4, the dense matrix for the dense baseline) over the median time. Measures and records; judges
-nothing.
+meta for 2:4, the dense matrix for the dense baseline) over the median time. On an A100, H100 or H200 each
+almak record also carries what benchmarks/results/static-report.json PREDICTED for it (``predicted_ms``,
+``predicted_speedup``, ``predicted_config``), so that the measurement checks the static model. Measures and
+records; judges nothing.
 
 The pytest-benchmark files beside this one (test_bench_*.py) run the same cases through pytest-benchmark.
 """
@@ -176,6 +178,29 @@ def median_ms(fn, device: str) -> float:
     return statistics.median(times) * 1e3
 
 
+# Kernel names of benchmarks/kernel_report.py, whose static report puts a predicted time beside each measurement.
+_REPORT_KERNEL = {"sparse24_w4": "sparse24_w4a16"}
+_STATIC: dict = {}
+
+
+def static_prediction(kernel: str, N: int, K: int, M: int) -> dict:
+    """What benchmarks/results/static-report.json PREDICTED for this case on this GPU (its best config), to sit
+    beside the measurement: empty when the report has no such GPU or M (it models A100, H100 and H200 at M = 1,
+    16, 64 and 128)."""
+    if not _STATIC:
+        path = RESULTS_DIR / "static-report.json"
+        _STATIC["report"] = json.loads(path.read_text()) if path.exists() else {"records": [], "gpus": {}}
+    name = torch.cuda.get_device_name()
+    gpu = next((g for g in _STATIC["report"]["gpus"] if g.split("-")[0] in name), None)
+    match = [r for r in _STATIC["report"]["records"] if gpu in r.get("best_for", ())
+             and r["kernel"] == _REPORT_KERNEL.get(kernel, kernel) and (r["N"], r["K"], r["M"]) == (N, K, M)]
+    if not match:
+        return {}
+    r = match[0]
+    return dict(predicted_gpu=gpu, predicted_ms=round(r["predicted_time_us"][gpu] / 1e3, 5),
+                predicted_speedup=r["predicted_speedup"][gpu], predicted_config=r["config"])
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| over max |ref|: the check that a timed kernel computed the product it was timed on."""
     return (out.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-30)
@@ -221,6 +246,8 @@ def run(kernels=KERNELS, device: str | None = None, on_kernel=None) -> dict:
                 for rec in records[-len(times):]:
                     rec["speedup_vs_baseline"] = round(times[baseline] / rec["median_ms"], 3)
                     rec["speedup_vs_dequant"] = round(times["dequant"] / rec["median_ms"], 3)
+                    if rec["provider"] == "almak" and device == "cuda":
+                        rec.update(static_prediction(kernel, N, K, M))
         if on_kernel:
             on_kernel(report)
     return report

@@ -25,6 +25,8 @@ the 2:4 layout is almak's own and converts to and from compressed-tensors' ``spa
 All four matmuls pick a split-K decode kernel for M <= 16 rows, a tiled prefill kernel above, and dequantize
 (or decompress) + ``F.linear`` from ``DENSE_MIN_M`` rows and for CPU tensors (unless ``TRITON_INTERPRET=1``,
 which runs the Triton kernels on the CPU for tests). ``path=`` forces one of "decode", "prefill", "dense".
+Dispatch, checks and autotuning configs live in :mod:`almak.kernels.common`; what each config compiles to on
+each GPU generation is in benchmarks/results/static-report.json (``python benchmarks/kernel_report.py``).
 
 Example:
     >>> from almak.kernels import w4a16_matmul

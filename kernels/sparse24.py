@@ -25,13 +25,16 @@ values in row-major order of a keep-mask, and ``bitmask`` (N, ceil(K / 8)) uint8
 has exactly 2 bits per group, even where fewer weights are non-zero; ``to_bitmask_24`` / ``from_bitmask_24``
 convert both ways.
 
-The Triton kernels load ``values`` (or ``qvalues``) and ``meta`` and expand each (BLOCK_SIZE_K,
-BLOCK_SIZE_N) tile of W.T in registers before a dense ``tl.dot``: per weight they read 9 bits instead of
-fp16's 16 (8 of value, 1 of meta), about 3 with int4 values; the arithmetic stays dense. Paths as in
-:mod:`almak.kernels.w4a16`, whose thresholds, autotuning space and checks this module shares: split-K decode
-for M <= ``DECODE_MAX_M``, the tiled prefill kernel below ``DENSE_MIN_M``, decompress + ``F.linear`` from
-there and for CPU tensors unless ``TRITON_INTERPRET=1``. Tested under the interpreter only; not yet run or
-timed on a GPU.
+The Triton kernels load each tile's ``values`` (or ``qvalues``) and ``meta`` once, with wide loads, and
+expand the (BLOCK_SIZE_N, BLOCK_SIZE_K) tile of W in registers before a dense ``tl.dot``: per weight they read
+9 bits instead of fp16's 16 (8 of value, 1 of meta), 3 with int4 values; the arithmetic stays dense. 16-bit
+values in x's dtype are read as one int32 per group holding (v0, v1), and each dense pair of the group is one
+of six bit patterns of that register (R, R & 0xFFFF, R << 16, R >> 16, R & 0xFFFF0000, 0) picked by three
+32-bit selects on the nibble's bits; other value dtypes and int4 values take 16-bit selects per weight, which
+cost about twice the instructions (see benchmarks/results/static-report.json). Paths, thresholds and configs:
+:mod:`almak.kernels.common` (split-K decode for M <= ``DECODE_MAX_M``, the tiled prefill kernel below
+``DENSE_MIN_M``, decompress + ``F.linear`` from there and for CPU tensors unless ``TRITON_INTERPRET=1``).
+Tested under the interpreter; not yet run or timed on a GPU.
 """
 
 from __future__ import annotations
@@ -48,14 +51,20 @@ import triton.language as tl
 # folder as a top-level "kernels" package, and a relative import beyond it would break `import transformers`.
 from almak.quant.pack import pack_int4, unpack_int4
 
-from .w4a16 import (
+from .common import (
     INTERPRET,
-    _apply_groups_,
+    Launch,
+    apply_groups_,
+    autotuned,
     check_activation,
     check_scales,
     choose_path,
-    kernel_configs,
+    dot_setup,
+    grid_for,
+    output_buffer,
 )
+from .w4a16 import _UNPACK as W4_UNPACK
+from .w4a16 import _halves, _row_chunks, _unpack_w4, _zero_offset
 
 __all__ = [
     "compress_24",
@@ -79,54 +88,105 @@ _VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _sparse24_tile(
-    v_ptr, meta_ptr, scales_ptr, zeros_ptr,
-    offs_k, offs_n, k_start, K, N,
-    stride_vn, stride_vk, stride_mn, stride_mk, stride_sn, stride_sg, stride_zn, stride_zg,
-    IS_W4: tl.constexpr, QUANT_GROUP_SIZE: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-):
-    """Expand a (BLOCK_SIZE_K, BLOCK_SIZE_N) tile of the dense W.T from values (or qvalues) and meta.
+def _nibbles8(m):
+    """(BN, BW) int32 -> (BN, BW * 8) nibbles, nibble j of word i at column 8i + j."""
+    u = m.to(tl.uint32, bitcast=True)
+    n = tl.join(tl.join(tl.join(u & 0xF, (u >> 16) & 0xF), tl.join((u >> 8) & 0xF, (u >> 24) & 0xF)),
+                tl.join(tl.join((u >> 4) & 0xF, (u >> 20) & 0xF), tl.join((u >> 12) & 0xF, (u >> 28) & 0xF)))
+    return tl.reshape(n, (m.shape[0], m.shape[1] * 8))
 
-    Dense position k is slot ``k % 4`` of group ``k // 4``; it holds compressed column ``2 * group`` when the
-    slot is the group's first kept position, ``2 * group + 1`` when it is the second, else 0. Returns
-    ``(w, s)`` as ``_w4_dequant_tile`` does: with int4 values inside one quantization group, ``w = q - z``
-    (exact small integers) and ``s`` the (BLOCK_SIZE_N,) scale for the tile's dot product; otherwise the
-    finished weights and None.
+
+@triton.jit
+def _sparse24_tile(
+    a_ptr, v_ptr, meta_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, k_tile, M, N, K,
+    stride_am, stride_ak, stride_vn, stride_vk, stride_mn, stride_mk, stride_sn, stride_sg, stride_zn, stride_zg,
+    UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT,
+    IS_W4: tl.constexpr, PAIRS: tl.constexpr, QUANT_GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+):
+    """float32 (BLOCK_SIZE_M, BLOCK_SIZE_N) product of x's rows offs_m with dense K tile ``k_tile`` of W's rows.
+
+    The kept values (BLOCK_SIZE_K / 2 per row) and their metadata (BLOCK_SIZE_K / 32 words) are each loaded
+    once with wide loads; the dense tile is then built in registers (each group of 4 holds its two kept
+    values at the positions its nibble names, zeros elsewhere) and multiplied on the tensor cores.
     """
-    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
-    group = offs_k // 4
-    # One meta word covers 32 columns of k: the repeated loads hit the same cache line.
-    word = tl.load(meta_ptr + offs_n[None, :] * stride_mn + (offs_k[:, None] // 32) * stride_mk, mask=mask, other=0)
-    # Arithmetic shift sign-extends nibble 7; the & 0xF keeps only the 4 wanted bits.
-    nib = (word >> ((group[:, None] % 8) * 4)) & 0xF
-    slot = (offs_k % 4)[:, None]
-    hit0 = slot == (nib & 3)
-    hit1 = slot == (nib >> 2)
-    keep = (hit0 | hit1) & mask
-    col = group[:, None] * 2 + hit1.to(tl.int32)
+    BG: tl.constexpr = BLOCK_SIZE_K // 4  # groups of 4 in the tile
+    dtype = a_ptr.dtype.element_ty
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    offs_k = k_tile * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
+    offs_mw = k_tile * (BLOCK_SIZE_K // 32) + tl.arange(0, BLOCK_SIZE_K // 32)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    m_ptrs = meta_ptr + offs_n[:, None] * stride_mn + offs_mw[None, :] * stride_mk
+    # Columns of v per dense K tile: int4 codes 8 per word, 16-bit pairs one per group, else one per value.
+    V_PER_TILE: tl.constexpr = BLOCK_SIZE_K // 16 if IS_W4 else (BLOCK_SIZE_K // 4 if PAIRS else BLOCK_SIZE_K // 2)
+    offs_v = k_tile * V_PER_TILE + tl.arange(0, V_PER_TILE)
+    v_ptrs = v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk
+    if EVEN_K:
+        x = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+        meta = tl.load(m_ptrs, mask=mask_n[:, None], other=0)
+        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0)
+    else:
+        x = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        meta = tl.load(m_ptrs, mask=mask_n[:, None] & (offs_mw < K // 32)[None, :], other=0)
+        v_len = K // (BLOCK_SIZE_K // V_PER_TILE)
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & (offs_v < v_len)[None, :], other=0)
+    nib = _nibbles8(meta)  # (BN, BG): kept positions of each group, bits 0-1 first, 2-3 second
+    p0 = nib & 3
+    p1 = nib >> 2
     if IS_W4:
-        packed = tl.load(v_ptr + offs_n[None, :] * stride_vn + (col // 8) * stride_vk, mask=keep, other=0)
-        q = ((packed >> ((col % 8) * 4)) & 0xF).to(tl.float32)
-        if QUANT_GROUP_SIZE == 0 or QUANT_GROUP_SIZE >= BLOCK_SIZE_K:
-            # Powers of two: a K tile never straddles two quantization groups.
+        # A word holds 8 kept values = 4 groups; dequantize as W4A16 does, then regroup: _pair_tree position
+        # (E1, E2, E3) holds value j = 2 E1 + E2 + 4 E3, i.e. group E1 + 2 E3 of the word, slot E2.
+        ONE_GROUP: tl.constexpr = QUANT_GROUP_SIZE == 0 or QUANT_GROUP_SIZE >= BLOCK_SIZE_K
+        if ONE_GROUP:
             if QUANT_GROUP_SIZE == 0:
                 g = 0
             else:
-                g = k_start // QUANT_GROUP_SIZE
-            mask_n = offs_n < N
+                g = k_tile * BLOCK_SIZE_K // QUANT_GROUP_SIZE
             s = tl.load(scales_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
             z = tl.load(zeros_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0.0).to(tl.float32)
-            return tl.where(keep, q - z[None, :], 0.0).to(DOT_DTYPE), s
+            q = _unpack_w4(v, _zero_offset(z, dtype)[:, None, None, None, None], UNPACK_MASK, UNPACK_MAGIC,
+                           ZERO_SHIFT, dtype)
         else:
-            g = offs_k // QUANT_GROUP_SIZE
-            s = tl.load(scales_ptr + offs_n[None, :] * stride_sn + g[:, None] * stride_sg, mask=mask, other=0.0)
-            z = tl.load(zeros_ptr + offs_n[None, :] * stride_zn + g[:, None] * stride_zg, mask=mask, other=0.0)
-            w = (q - z.to(tl.float32)) * s.to(tl.float32)
-            return tl.where(keep, w, 0.0).to(DOT_DTYPE), None
+            # A word covers 16 dense columns, never two quantization groups (32 or more columns).
+            g = (k_tile * BLOCK_SIZE_K + 16 * tl.arange(0, BLOCK_SIZE_K // 16)) // QUANT_GROUP_SIZE
+            sz_mask = mask_n[:, None] & (g < tl.cdiv(K, QUANT_GROUP_SIZE))[None, :]
+            s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=sz_mask, other=0.0)
+            z = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg, mask=sz_mask, other=0.0)
+            q = _unpack_w4(v, _zero_offset(z.to(tl.float32), dtype)[:, :, None, None, None], UNPACK_MASK,
+                           UNPACK_MAGIC, ZERO_SHIFT, dtype)
+            q = q * s.to(dtype)[:, :, None, None, None]
+        v0, v1 = tl.split(tl.reshape(tl.permute(q, (0, 1, 4, 2, 3)), (BLOCK_SIZE_N, BG, 2)))
+    elif PAIRS:
+        # 16-bit values in x's dtype, read as int32 pairs R = (v0, v1): each dense pair of a group is one of
+        # R, R & 0xFFFF, R << 16, R >> 16, R & 0xFFFF0000 or 0, picked by the nibble's bits with three 32-bit
+        # selects, so the two halves never leave their register (no 16-bit selects, no repacking).
+        R = v.to(tl.uint32, bitcast=True)
+        b0 = (nib & 1) != 0  # first kept position: bit 0, bit 1
+        b1 = (nib & 2) != 0
+        b2 = (nib & 4) != 0  # second kept position: bit 0, bit 1
+        b3 = (nib & 8) != 0
+        zero = tl.zeros_like(R)
+        p01 = tl.where(b1, zero, tl.where(b0, R << 16, tl.where(b3, R & 0xFFFF, R)))
+        p23 = tl.where(b1, R, tl.where(b3, tl.where(b2, R & 0xFFFF0000, R >> 16), zero))
+        d0, d1 = _halves(p01.to(tl.int32, bitcast=True), dtype)
+        d2, d3 = _halves(p23.to(tl.int32, bitcast=True), dtype)
     else:
-        # Masked lanes (the two dropped slots of each group) read nothing and give 0.
-        v = tl.load(v_ptr + offs_n[None, :] * stride_vn + col * stride_vk, mask=keep, other=0.0)
-        return v.to(DOT_DTYPE), None
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_SIZE_N, BG, 2)))
+        v0 = v0.to(dtype)
+        v1 = v1.to(dtype)
+    if IS_W4 or not PAIRS:
+        zero16 = tl.zeros_like(v0)
+        d0 = tl.where(p0 == 0, v0, zero16)
+        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero16))
+        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero16))
+        d3 = tl.where(p1 == 3, v1, zero16)
+    # (BN, BG, E1, E2) holds position 2 E1 + E2 of each group: the natural K order, so x needs no permutation.
+    w_tile = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_SIZE_N, BLOCK_SIZE_K))
+    part = tl.dot(x, tl.trans(w_tile), input_precision=DOT_PRECISION)
+    if IS_W4 and (QUANT_GROUP_SIZE == 0 or QUANT_GROUP_SIZE >= BLOCK_SIZE_K):
+        part = part * s[None, :]
+    return part
 
 
 @triton.jit
@@ -139,52 +199,32 @@ def _sparse24_decode_kernel(
     # strides
     stride_am, stride_ak, stride_vn, stride_vk, stride_mn, stride_mk,
     stride_sn, stride_sg, stride_zn, stride_zg, stride_cm, stride_cn,
-    M_BUCKET,  # autotune key only: next power of two of M
+    # int4 unpacking constants (see w4a16._UNPACK) and the autotune key
+    UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT, M_BUCKET,
     # meta-parameters
     IS_W4: tl.constexpr,  # values are int4 codes with scales and zeros
+    PAIRS: tl.constexpr,  # 16-bit values in x's dtype, read as one int32 (v0, v1) pair per group
     QUANT_GROUP_SIZE: tl.constexpr,  # int4 only; 0 = one group per output channel
     DOT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr,  # 1 (GEMV in registers) or 16 (tl.dot on a padded tile)
+    EVEN_K: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """Split-K decode: program (pid_mn, pid_k) reduces K tiles pid_k, pid_k + SPLIT_K, ... and atomically
-    adds its (BLOCK_SIZE_M, BLOCK_SIZE_N) partial sum into c."""
-    pid_mn = tl.program_id(axis=0)
+    """Split-K decode, as ``w4a16._w4a16_decode_kernel`` (M <= 16): K tiles pid_k, pid_k + SPLIT_K, ...
+    then atomics."""
+    pid_n = tl.program_id(axis=0)
     pid_k = tl.program_id(axis=1)
-    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    pid_m = pid_mn // num_pid_n
-    pid_n = pid_mn % num_pid_n
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    offs_m = tl.arange(0, 16)
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    mask_m = offs_m < M
-    dot_dtype = a_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    acc = tl.zeros((16, BLOCK_SIZE_N), dtype=tl.float32)
     for k_tile in range(pid_k, tl.cdiv(K, BLOCK_SIZE_K), SPLIT_K):
-        k_start = k_tile * BLOCK_SIZE_K
-        offs_k = k_start + tl.arange(0, BLOCK_SIZE_K)
-        mask_k = offs_k < K
-        if BLOCK_SIZE_M == 1:
-            # GEMV: x as a (BLOCK_SIZE_K, 1) column, products reduced over K in float32.
-            a = tl.load(a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
-                        mask=mask_k[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
-            w, s = _sparse24_tile(v_ptr, meta_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k_start, K, N,
-                                  stride_vn, stride_vk, stride_mn, stride_mk, stride_sn, stride_sg, stride_zn,
-                                  stride_zg, IS_W4, QUANT_GROUP_SIZE, BLOCK_SIZE_K, tl.float32)
-            part = tl.sum(a * w, axis=0)[None, :]
-        else:
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w, s = _sparse24_tile(v_ptr, meta_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k_start, K, N,
-                                  stride_vn, stride_vk, stride_mn, stride_mk, stride_sn, stride_sg, stride_zn,
-                                  stride_zg, IS_W4, QUANT_GROUP_SIZE, BLOCK_SIZE_K, dot_dtype)
-            part = tl.dot(a, w, input_precision=DOT_PRECISION)
-        if s is not None:
-            part = part * s[None, :]
-        acc += part
+        acc += _sparse24_tile(a_ptr, v_ptr, meta_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, k_tile, M, N, K,
+                              stride_am, stride_ak, stride_vn, stride_vk, stride_mn, stride_mk,
+                              stride_sn, stride_sg, stride_zn, stride_zg, UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT,
+                              IS_W4, PAIRS, QUANT_GROUP_SIZE, DOT_PRECISION, EVEN_K, BLOCK_SIZE_N, BLOCK_SIZE_K)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    c_mask = mask_m[:, None] & (offs_n[None, :] < N)
+    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K == 1:
         tl.store(c_ptrs, acc, mask=c_mask)
     else:
@@ -200,17 +240,20 @@ def _sparse24_prefill_kernel(
     # strides
     stride_am, stride_ak, stride_vn, stride_vk, stride_mn, stride_mk,
     stride_sn, stride_sg, stride_zn, stride_zg, stride_cm, stride_cn,
-    M_BUCKET,  # autotune key only
+    # int4 unpacking constants and the autotune key
+    UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT, M_BUCKET,
     # meta-parameters
     IS_W4: tl.constexpr,
+    PAIRS: tl.constexpr,
     QUANT_GROUP_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
-    """Tiled matmul (Triton tutorial 03) with the B tile expanded from 2:4 form in registers."""
+    """Tiled matmul (Triton tutorial 03) with the weight tile expanded from 2:4 form in registers."""
     # Grouped ordering: GROUP_SIZE_M row blocks walk the N blocks together so their weight tiles stay in L2.
     pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BLOCK_SIZE_M)
@@ -221,69 +264,49 @@ def _sparse24_prefill_kernel(
     group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-
     offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    mask_m = offs_m < M
-    dot_dtype = a_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k_tile in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
-        k_start = k_tile * BLOCK_SIZE_K
-        offs_k = k_start + tl.arange(0, BLOCK_SIZE_K)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w, s = _sparse24_tile(v_ptr, meta_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k_start, K, N,
-                              stride_vn, stride_vk, stride_mn, stride_mk, stride_sn, stride_sg, stride_zn,
-                              stride_zg, IS_W4, QUANT_GROUP_SIZE, BLOCK_SIZE_K, dot_dtype)
-        if s is not None:
-            acc += tl.dot(a, w, input_precision=DOT_PRECISION) * s[None, :]
-        else:
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        acc += _sparse24_tile(a_ptr, v_ptr, meta_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, k_tile, M, N, K,
+                              stride_am, stride_ak, stride_vn, stride_vk, stride_mn, stride_mk,
+                              stride_sn, stride_sg, stride_zn, stride_zg, UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT,
+                              IS_W4, PAIRS, QUANT_GROUP_SIZE, DOT_PRECISION, EVEN_K, BLOCK_SIZE_N, BLOCK_SIZE_K)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-# Same autotuning space as W4A16 (kernel_configs' docstring): the tile loop and the bytes per tile are alike.
 _KEY = ["M_BUCKET", "N", "K", "QUANT_GROUP_SIZE"]
-# One autotuner per weight format, so that fp and int4 values keep separate best configs. The decode
-# kernel accumulates with atomics, so every autotuning trial must start from a zeroed output.
-_decode = {
-    is_w4: triton.autotune(configs=kernel_configs("decode"), key=_KEY, reset_to_zero=["c_ptr"])(
-        _sparse24_decode_kernel)
-    for is_w4 in (False, True)
-}
-_prefill = {is_w4: triton.autotune(configs=kernel_configs("prefill"), key=_KEY)(_sparse24_prefill_kernel)
+# One autotuner per weight format, so that fp and int4 values keep separate best configs.
+_decode = {is_w4: autotuned(_sparse24_decode_kernel, "decode", "sparse24_w4a16" if is_w4 else "sparse24", _KEY)
+           for is_w4 in (False, True)}
+_prefill = {is_w4: autotuned(_sparse24_prefill_kernel, "prefill", "sparse24_w4a16" if is_w4 else "sparse24", _KEY)
             for is_w4 in (False, True)}
 
 
-def _launch(path: str, x2: torch.Tensor, v: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None,
-            zeros: torch.Tensor | None, N: int, quant_group_size: int) -> torch.Tensor:
-    """Allocate the output and launch the decode or prefill kernel on 2-D x; int4 when scales is given."""
+def plan_sparse24(path: str, x2: torch.Tensor, v: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None,
+                  zeros: torch.Tensor | None, group_size: int) -> Launch:
+    """The kernel call for 2-D x (at most 16 rows on the decode path) on the "decode" or "prefill" path, with
+    the arguments the JIT will see; int4 kept values when ``scales`` is given."""
     M, K = x2.shape
-    out_dtype = x2.dtype
-    if INTERPRET and x2.dtype == torch.bfloat16:
-        # The interpreter's bf16 tl.dot is wrong; compute the bf16 case in float32 there (GPU runs bf16).
-        x2 = x2.float()
+    N = v.shape[0]
+    assert path == "prefill" or M <= 16, "the decode kernel takes at most 16 rows"
+    x2, precision = dot_setup(x2)
     is_w4 = scales is not None
-    # Without int4, the scales/zeros pointers are never read; values stands in for them.
+    mask, magic = W4_UNPACK[x2.dtype]
+    c = output_buffer(path, M, N, x2)
+    # 16-bit kept values in x's dtype are read as one int32 (v0, v1) pair per group (little-endian: v0 low).
+    pairs = not is_w4 and v.dtype == x2.dtype and v.element_size() == 2 and v.stride(1) == 1 and v.stride(0) % 2 == 0
+    if pairs:
+        v = v.view(torch.int32)
+    # Without int4, the scales/zeros pointers are never read; the values stand in for them.
     s = scales if is_w4 else v
     z = zeros if is_w4 else v
-    # fp32 activations get true fp32 products, matching torch's default (TF32 off for matmuls).
-    precision = "ieee" if x2.dtype == torch.float32 else "tf32"
-    common = dict(M_BUCKET=triton.next_power_of_2(M), IS_W4=is_w4, QUANT_GROUP_SIZE=quant_group_size,
-                  DOT_PRECISION=precision)
-    args = (x2, v, meta, s, z)
-    strides = (*x2.stride(), *v.stride(), *meta.stride(), *s.stride(), *z.stride())
-    if path == "decode":
-        c = torch.zeros((M, N), device=x2.device, dtype=torch.float32)
-        block_m = 1 if M == 1 else 16  # 16: the smallest M tile tl.dot accepts
-        grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(N, META["BLOCK_SIZE_N"]), META["SPLIT_K"])
-        _decode[is_w4][grid](*args, c, M, N, K, *strides, *c.stride(), BLOCK_SIZE_M=block_m, **common)
-        return c.to(out_dtype)
-    c = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_SIZE_M"]) * triton.cdiv(N, META["BLOCK_SIZE_N"]),)
-    _prefill[is_w4][grid](*args, c, M, N, K, *strides, *c.stride(), **common)
-    return c.to(out_dtype)
+    args = (x2, v, meta, s, z, c, M, N, K, *x2.stride(), *v.stride(), *meta.stride(), *s.stride(), *z.stride(),
+            *c.stride(), mask, magic, 0, triton.next_power_of_2(M))
+    kwargs = dict(IS_W4=is_w4, PAIRS=pairs, QUANT_GROUP_SIZE=0 if group_size == -1 else group_size, DOT_PRECISION=precision)
+    kernel = (_decode if path == "decode" else _prefill)[is_w4]
+    return Launch(kernel, args, kwargs, grid_for(path, M, N), c)
 
 
 # ---------------------------------------------------------------------------------------- checks, layout
@@ -522,7 +545,8 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, p
     elif path == "dense":
         y = F.linear(x2, decompress_24(values, meta, dtype=x.dtype))
     else:
-        y = _launch(path, x2, values, meta, None, None, N, 0)
+        y = torch.cat([plan_sparse24(path, rows, values, meta, None, None, -1).run().to(x.dtype)
+                       for rows in _row_chunks(x2, path)])
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -565,7 +589,8 @@ def sparse24_w4a16_matmul(x: torch.Tensor, qvalues: torch.Tensor, meta: torch.Te
     elif path == "dense":
         y = F.linear(x2, dequantize_sparse24_w4(qvalues, meta, scales, zeros, group_size, dtype=x.dtype))
     else:
-        y = _launch(path, x2, qvalues, meta, scales, zeros, N, 0 if group_size == -1 else group_size)
+        y = torch.cat([plan_sparse24(path, rows, qvalues, meta, scales, zeros, group_size).run().to(x.dtype)
+                       for rows in _row_chunks(x2, path)])
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -582,7 +607,7 @@ def dequantize_sparse24_w4(qvalues: torch.Tensor, meta: torch.Tensor, scales: to
     pos = meta_positions(meta, name)
     W = _expand(_nibbles(qvalues), pos, torch.float32)
     kept = _expand(torch.ones((N, K // 2), device=W.device, dtype=torch.bool), pos, torch.bool)
-    return _apply_groups_(W, scales, zeros, group_size).masked_fill_(~kept, 0.0).to(dtype)
+    return apply_groups_(W, scales, zeros, group_size).masked_fill_(~kept, 0.0).to(dtype)
 
 
 def sparse24_w4a16_reference(x: torch.Tensor, qvalues: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,

@@ -11,16 +11,20 @@ Operands (the public, stable layout; it is compressed-tensors' ``pack-quantized`
   channel, where scales/zeros may be (N,) or (N, 1).
 - ``y``: (..., N) in x's dtype, accumulated in float32.
 
-Three paths, chosen by the number of rows M of ``x`` (``w4a16_matmul(..., path="auto")``):
+Paths (decode / prefill / dense), thresholds and configs: :mod:`almak.kernels.common`.
 
-- decode (M <= ``DECODE_MAX_M``): split-K; each program reduces a slice of K for a strip of N and adds its
-  partial sums into a float32 buffer with atomics, so that a 4096-wide layer at M = 1 still launches several
-  programs per SM. M = 1 multiplies and reduces in registers (GEMV); 2 <= M <= 16 pads M to 16 for ``tl.dot``.
-- prefill (``DECODE_MAX_M`` < M < ``DENSE_MIN_M``): the tiled matmul of Triton's tutorial, dequantizing each
-  weight tile in registers before ``tl.dot``.
-- dense (M >= ``DENSE_MIN_M``, and every CPU tensor unless ``TRITON_INTERPRET=1``): dequantize the whole
-  weight, then ``F.linear`` (cuBLAS on GPU). At large M the matmul is compute bound, the weight is read once
-  whatever its format, and cuBLAS wins.
+How a tile is dequantized (the kernels' inner loop; the reasoning is counted in SASS by
+``benchmarks/kernel_report.py``): each thread loads its packed words with 128-bit loads, once. A word's 8
+codes become four pairs, each pair one 32-bit register holding two 16-bit floats: ``(w & 0x00F000F0) |
+0x64006400`` is the pair (1024 + 16 q1, 1024 + 16 q5) as float16 bits (the "magic number" conversion: the
+code lands in the mantissa of 1024, so no int-to-float instruction runs), and ``* 1/16 - 64`` (one packed
+HFMA2) leaves the exact codes (q1, q5). The other pairs come from the word shifted by -4, 4 and 8 bits. The
+tile is therefore laid out along K in the order the pairs come out (k = 8i + [0, 4, 1, 5, 2, 6, 3, 7]: see
+``_pair_tree``), and x is loaded in that same order, which leaves the product unchanged. bfloat16 has too few
+mantissa bits for 16 q, so its pairs are (128 + q) with 0x43004300 and four shifts; float32 activations
+use the float32 magic number per code. The zero point and the scale are applied per tile on the float32
+result of ``tl.dot`` (``s * (x @ q - z * sum(x))``: exact for any zero) when the tile lies inside one
+quantization group, and per weight in the dot's dtype otherwise (group smaller than the K tile).
 
 Under ``TRITON_INTERPRET=1`` the Triton paths also run on CPU tensors (slowly; for tests), with one fixed
 config instead of autotuning.
@@ -28,13 +32,28 @@ config instead of autotuning.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .common import (
+    DECODE_MAX_M,
+    DENSE_MIN_M,
+    INTERPRET,
+    SUPPORTED_GROUP_SIZES,
+    Launch,
+    apply_groups_,
+    autotuned,
+    check_activation,
+    check_scales,
+    choose_path,
+    dot_setup,
+    grid_for,
+    output_buffer,
+)
 
 __all__ = [
     "DECODE_MAX_M",
@@ -45,67 +64,143 @@ __all__ = [
     "dequantize_w4",
 ]
 
-# Rows of x up to which the split-K decode kernel is used: the tl.dot branch pads M to 16 (the smallest
-# tl.dot tile), so beyond 16 rows a tiled kernel wastes nothing and no longer needs split-K to fill the GPU.
-DECODE_MAX_M = 16
-# Rows of x from which dequantize + cuBLAS replaces the Triton prefill kernel. UNMEASURED: chosen without a
-# GPU as a conservative guess (the fp16 GEMM is compute bound well before 256 rows on an H100, so the 4x
-# smaller weight read stops paying). Measure with `python benchmarks/run_kernels.py` on the target GPU and
-# set it to the first M where the "dequant" provider beats "triton".
-DENSE_MIN_M = 256
-# Group sizes the kernels are compiled for (a power of two keeps `k // group` a shift and lets a K tile sit
-# inside one group); -1 means one group per output channel.
-SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 # int4 codes per int32 word.
 PACK_FACTOR = 8
-# Same parsing as Triton's own TRITON_INTERPRET knob; read once because triton.jit also decides at import
-# time whether the kernels below are interpreted.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-# ALMAK_AUTOTUNE=0 gives the GPU the interpreter's single config per path instead of autotuning (the GPU test
-# run uses it: hundreds of test shapes x 8 configs would compile for minutes).
-AUTOTUNE = not INTERPRET and os.environ.get("ALMAK_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
-
-_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_PATHS = ("auto", "decode", "prefill", "dense")
+# The unpacking constants, passed to the kernel as run-time arguments rather than written as literals:
+# as literals, ptxas re-materializes each mask in a register before every use (an IMAD.MOV per pair, ~60 a
+# tile per thread, counted in SASS); as arguments they sit in the constant bank that LOP3 reads directly.
+# (mask, magic) per dot dtype: float16 takes the (1024 + 16 q) pairs, bfloat16 the (128 + q) pairs.
+_UNPACK = {torch.float16: (0x00F000F0, 0x64006400), torch.bfloat16: (0x000F000F, 0x43004300),
+           torch.float32: (0xF, 0x4B000000)}
 
 
 # --------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _w4_dequant_tile(
-    b_ptr, scales_ptr, zeros_ptr,
-    offs_k, offs_n, k_start, K, N,
-    stride_bn, stride_bk, stride_sn, stride_sg, stride_zn, stride_zg,
-    QUANT_GROUP_SIZE: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-):
-    """Load a (BLOCK_SIZE_K, BLOCK_SIZE_N) tile of W.T and dequantize it in registers.
+def _halves(r, DTYPE: tl.constexpr):
+    """int32 -> its low and high 16 bits, each reinterpreted as DTYPE (float16 or bfloat16)."""
+    lo = r.to(tl.int16).to(DTYPE, bitcast=True)
+    hi = (r.to(tl.uint32, bitcast=True) >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+    return lo, hi
 
-    Returns ``(w, s)``: when the tile lies inside one quantization group (per-channel, or the group is at
-    least BLOCK_SIZE_K wide: both are powers of two, so tiles never straddle groups) ``w = q - z`` in
-    DOT_DTYPE (exact: small integers) and ``s`` is the (BLOCK_SIZE_N,) scale to apply to the tile's dot
-    product; otherwise ``w = (q - z) * s`` already and ``s`` is None.
+
+@triton.jit
+def _pair_tree(l0, h0, l1, h1, l2, h2, l3, h3):
+    """Eight (BN, BW) tensors -> (BN, BW, 2, 2, 2), each (l_a, h_a) pair innermost, so that the two halves of
+    one 32-bit register stay adjacent all the way to tl.dot.
+
+    Position ``t = 4 E1 + 2 E2 + E3`` of word i holds pair ``a = 2 E1 + E2``, half E3: code ``j = a + 4 E3``,
+    the K order [0, 4, 1, 5, 2, 6, 3, 7] (the callers permute x's tile to match).
     """
-    mask_k = offs_k < K
+    return tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)), tl.join(tl.join(h0, h2), tl.join(h1, h3)))
+
+
+@triton.jit
+def _unpack_w4(w, zc, UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT, DTYPE: tl.constexpr):
+    """(BN, BW) int32 words -> (BN, BW, 2, 2, 2) values ``q - z`` in DTYPE, in ``_pair_tree``'s order.
+
+    ``zc`` is the zero point plus the magic offset (float16: 64 + z, bfloat16: 128 + z, float32: 2**23 + z),
+    broadcastable to the result, so that one packed FMA per pair removes both. ``w >> ZERO_SHIFT`` (a
+    run-time 0) keeps LLVM from narrowing the one unshifted pair to 16-bit scalar ops, which cost a PRMT to
+    repack per pair (counted in SASS).
+    """
+    if DTYPE == tl.float16:
+        # (1024 + 16 q) pairs: codes a, a + 4 at bits 4..7 and 20..23.
+        l0, h0 = _halves(((w << 4) & UNPACK_MASK) | UNPACK_MAGIC, DTYPE)
+        l1, h1 = _halves(((w >> ZERO_SHIFT) & UNPACK_MASK) | UNPACK_MAGIC, DTYPE)
+        l2, h2 = _halves(((w >> 4) & UNPACK_MASK) | UNPACK_MAGIC, DTYPE)
+        l3, h3 = _halves(((w >> 8) & UNPACK_MASK) | UNPACK_MAGIC, DTYPE)
+        return _pair_tree(l0, h0, l1, h1, l2, h2, l3, h3) * 0.0625 - zc
+    elif DTYPE == tl.bfloat16:
+        # (128 + q) pairs: codes a, a + 4 at bits 0..3 and 16..19.
+        l0, h0 = _halves(((w >> ZERO_SHIFT) & UNPACK_MASK) | UNPACK_MAGIC, DTYPE)
+        l1, h1 = _halves(((w >> 4) & UNPACK_MASK) | UNPACK_MAGIC, DTYPE)
+        l2, h2 = _halves(((w >> 8) & UNPACK_MASK) | UNPACK_MAGIC, DTYPE)
+        l3, h3 = _halves(((w >> 12) & UNPACK_MASK) | UNPACK_MAGIC, DTYPE)
+        return _pair_tree(l0, h0, l1, h1, l2, h2, l3, h3) - zc
+    else:
+        # float32: 2**23 + q per code.
+        c0 = (((w >> ZERO_SHIFT) & UNPACK_MASK) | UNPACK_MAGIC).to(tl.float32, bitcast=True)
+        c1 = (((w >> 4) & UNPACK_MASK) | UNPACK_MAGIC).to(tl.float32, bitcast=True)
+        c2 = (((w >> 8) & UNPACK_MASK) | UNPACK_MAGIC).to(tl.float32, bitcast=True)
+        c3 = (((w >> 12) & UNPACK_MASK) | UNPACK_MAGIC).to(tl.float32, bitcast=True)
+        c4 = (((w >> 16) & UNPACK_MASK) | UNPACK_MAGIC).to(tl.float32, bitcast=True)
+        c5 = (((w >> 20) & UNPACK_MASK) | UNPACK_MAGIC).to(tl.float32, bitcast=True)
+        c6 = (((w >> 24) & UNPACK_MASK) | UNPACK_MAGIC).to(tl.float32, bitcast=True)
+        c7 = (((w >> 28) & UNPACK_MASK) | UNPACK_MAGIC).to(tl.float32, bitcast=True)
+        return _pair_tree(c0, c4, c1, c5, c2, c6, c3, c7) - zc
+
+
+@triton.jit
+def _zero_offset(z, DTYPE: tl.constexpr):
+    """float32 zero points -> the constant ``_unpack_w4`` subtracts, in DTYPE."""
+    if DTYPE == tl.float16:
+        return (64.0 + z).to(DTYPE)
+    elif DTYPE == tl.bfloat16:
+        return (128.0 + z).to(DTYPE)
+    else:
+        return 8388608.0 + z
+
+
+@triton.jit
+def _w4_tile(
+    a_ptr, b_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, k_tile, M, N, K,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_sn, stride_sg, stride_zn, stride_zg,
+    UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT,
+    QUANT_GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    SCALE_PER_WEIGHT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+):
+    """float32 (BLOCK_SIZE_M, BLOCK_SIZE_N) product of x's rows offs_m with K tile ``k_tile`` of W's rows offs_n.
+
+    The scale multiplies tl.dot's float32 result once per tile when the tile lies inside one quantization
+    group and SCALE_PER_WEIGHT is off (decode: 16 rows of output per tile cost less than a multiply per
+    weight), and multiplies each dequantized weight otherwise (prefill, whose output tile is larger than its
+    weight tile, and groups smaller than the K tile).
+    """
+    BLOCK_W: tl.constexpr = BLOCK_SIZE_K // 8
+    dtype = a_ptr.dtype.element_ty
+    offs_w = k_tile * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_k = k_tile * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
     mask_n = offs_n < N
-    mask = mask_k[:, None] & mask_n[None, :]
-    # 8 consecutive k share one int32 word; the repeated loads hit the same cache line.
-    packed = tl.load(b_ptr + offs_n[None, :] * stride_bn + (offs_k[:, None] // 8) * stride_bk, mask=mask, other=0)
-    # Arithmetic shift sign-extends nibble 7, but the & 0xF keeps only the 4 wanted bits.
-    q = ((packed >> ((offs_k[:, None] % 8) * 4)) & 0xF).to(tl.float32)
+    mask_m = offs_m < M
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_w[None, :] * stride_bk
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    if EVEN_K:
+        w = tl.load(b_ptrs, mask=mask_n[:, None], other=0)
+        x = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+    else:
+        w = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_w < K // 8)[None, :], other=0)
+        x = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+    # x in the tile's K order (_k_order): per word, natural code j = 4 E3 + 2 E1 + E2 -> position (E1, E2, E3).
+    BLOCK_M: tl.constexpr = x.shape[0]
+    x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_W, 2, 2, 2)), (0, 1, 3, 4, 2)), (BLOCK_M, BLOCK_SIZE_K))
     if QUANT_GROUP_SIZE == 0 or QUANT_GROUP_SIZE >= BLOCK_SIZE_K:
+        # The tile lies inside one group (both are powers of two): one scale and zero per output column.
         if QUANT_GROUP_SIZE == 0:
             g = 0
         else:
-            g = k_start // QUANT_GROUP_SIZE
+            g = k_tile * BLOCK_SIZE_K // QUANT_GROUP_SIZE
         s = tl.load(scales_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(zeros_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0.0).to(tl.float32)
-        return (q - z[None, :]).to(DOT_DTYPE), s
+        q = _unpack_w4(w, _zero_offset(z, dtype)[:, None, None, None, None], UNPACK_MASK, UNPACK_MAGIC,
+                       ZERO_SHIFT, dtype)
+        if SCALE_PER_WEIGHT:
+            q = q * s.to(dtype)[:, None, None, None, None]
+        part = tl.dot(x, tl.trans(tl.reshape(q, (BLOCK_SIZE_N, BLOCK_SIZE_K))), input_precision=DOT_PRECISION)
+        if not SCALE_PER_WEIGHT:
+            part = part * s[None, :]
+        return part
     else:
-        g = offs_k // QUANT_GROUP_SIZE
-        s = tl.load(scales_ptr + offs_n[None, :] * stride_sn + g[:, None] * stride_sg, mask=mask, other=0.0)
-        z = tl.load(zeros_ptr + offs_n[None, :] * stride_zn + g[:, None] * stride_zg, mask=mask, other=0.0)
-        return ((q - z.to(tl.float32)) * s.to(tl.float32)).to(DOT_DTYPE), None
+        # Several groups per tile: each word's group (a word's 8 codes never straddle two).
+        g = (k_tile * BLOCK_SIZE_K + 8 * tl.arange(0, BLOCK_W)) // QUANT_GROUP_SIZE
+        sz_mask = mask_n[:, None] & (g < tl.cdiv(K, QUANT_GROUP_SIZE))[None, :]
+        s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=sz_mask, other=0.0)
+        z = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg, mask=sz_mask, other=0.0)
+        q = _unpack_w4(w, _zero_offset(z.to(tl.float32), dtype)[:, :, None, None, None], UNPACK_MASK,
+                       UNPACK_MAGIC, ZERO_SHIFT, dtype)
+        q = q * s.to(dtype)[:, :, None, None, None]
+        return tl.dot(x, tl.trans(tl.reshape(q, (BLOCK_SIZE_N, BLOCK_SIZE_K))), input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -116,51 +211,32 @@ def _w4a16_decode_kernel(
     M, N, K,
     # strides
     stride_am, stride_ak, stride_bn, stride_bk, stride_sn, stride_sg, stride_zn, stride_zg, stride_cm, stride_cn,
-    M_BUCKET,  # autotune key only: next power of two of M
+    # unpacking constants (see _UNPACK) and the autotune key
+    UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT, M_BUCKET,
     # meta-parameters
     QUANT_GROUP_SIZE: tl.constexpr,  # 0 = one group per output channel
     DOT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr,  # 1 (GEMV in registers) or 16 (tl.dot on a padded tile)
+    EVEN_K: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """Split-K decode: program (pid_mn, pid_k) reduces K tiles pid_k, pid_k + SPLIT_K, ... and atomically
-    adds its (BLOCK_SIZE_M, BLOCK_SIZE_N) partial sum into c."""
-    pid_mn = tl.program_id(axis=0)
+    """Split-K decode: program (pid_n, pid_k) reduces K tiles pid_k, pid_k + SPLIT_K, ... for x padded to 16 rows
+    and atomically adds its (16, BLOCK_SIZE_N) partial sum into c."""
+    pid_n = tl.program_id(axis=0)
     pid_k = tl.program_id(axis=1)
-    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    pid_m = pid_mn // num_pid_n
-    pid_n = pid_mn % num_pid_n
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    # M <= 16 (the launcher splits larger x): with M == 1, which the JIT specializes as a constant, the masks
+    # of rows 1..15 are known false and their loads vanish.
+    offs_m = tl.arange(0, 16)
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    mask_m = offs_m < M
-    dot_dtype = a_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    acc = tl.zeros((16, BLOCK_SIZE_N), dtype=tl.float32)
     for k_tile in range(pid_k, tl.cdiv(K, BLOCK_SIZE_K), SPLIT_K):
-        k_start = k_tile * BLOCK_SIZE_K
-        offs_k = k_start + tl.arange(0, BLOCK_SIZE_K)
-        mask_k = offs_k < K
-        if BLOCK_SIZE_M == 1:
-            # GEMV: x as a (BLOCK_SIZE_K, 1) column, products reduced over K in float32.
-            a = tl.load(a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
-                        mask=mask_k[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
-            w, s = _w4_dequant_tile(b_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k_start, K, N,
-                                    stride_bn, stride_bk, stride_sn, stride_sg, stride_zn, stride_zg,
-                                    QUANT_GROUP_SIZE, BLOCK_SIZE_K, tl.float32)
-            part = tl.sum(a * w, axis=0)[None, :]
-        else:
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w, s = _w4_dequant_tile(b_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k_start, K, N,
-                                    stride_bn, stride_bk, stride_sn, stride_sg, stride_zn, stride_zg,
-                                    QUANT_GROUP_SIZE, BLOCK_SIZE_K, dot_dtype)
-            part = tl.dot(a, w, input_precision=DOT_PRECISION)
-        if s is not None:
-            part = part * s[None, :]
-        acc += part
+        acc += _w4_tile(a_ptr, b_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, k_tile, M, N, K,
+                        stride_am, stride_ak, stride_bn, stride_bk, stride_sn, stride_sg, stride_zn, stride_zg,
+                        UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT,
+                        QUANT_GROUP_SIZE, DOT_PRECISION, EVEN_K, False, BLOCK_SIZE_N, BLOCK_SIZE_K)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    c_mask = mask_m[:, None] & (offs_n[None, :] < N)
+    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K == 1:
         tl.store(c_ptrs, acc, mask=c_mask)
     else:
@@ -175,16 +251,18 @@ def _w4a16_prefill_kernel(
     M, N, K,
     # strides
     stride_am, stride_ak, stride_bn, stride_bk, stride_sn, stride_sg, stride_zn, stride_zg, stride_cm, stride_cn,
-    M_BUCKET,  # autotune key only
+    # unpacking constants (see _UNPACK) and the autotune key
+    UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT, M_BUCKET,
     # meta-parameters
     QUANT_GROUP_SIZE: tl.constexpr,  # 0 = one group per output channel
     DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
-    """Tiled matmul (Triton tutorial 03) with the B tile dequantized in registers."""
+    """Tiled matmul (Triton tutorial 03) with the weight tile dequantized in registers."""
     # Grouped ordering: GROUP_SIZE_M row blocks walk the N blocks together so their weight tiles stay in L2.
     pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BLOCK_SIZE_M)
@@ -195,151 +273,38 @@ def _w4a16_prefill_kernel(
     group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-
     offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    mask_m = offs_m < M
-    dot_dtype = a_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k_tile in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
-        k_start = k_tile * BLOCK_SIZE_K
-        offs_k = k_start + tl.arange(0, BLOCK_SIZE_K)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w, s = _w4_dequant_tile(b_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k_start, K, N,
-                                stride_bn, stride_bk, stride_sn, stride_sg, stride_zn, stride_zg,
-                                QUANT_GROUP_SIZE, BLOCK_SIZE_K, dot_dtype)
-        if s is not None:
-            acc += tl.dot(a, w, input_precision=DOT_PRECISION) * s[None, :]
-        else:
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        acc += _w4_tile(a_ptr, b_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, k_tile, M, N, K,
+                        stride_am, stride_ak, stride_bn, stride_bk, stride_sn, stride_sg, stride_zn, stride_zg,
+                        UNPACK_MASK, UNPACK_MAGIC, ZERO_SHIFT,
+                        QUANT_GROUP_SIZE, DOT_PRECISION, EVEN_K, False, BLOCK_SIZE_N, BLOCK_SIZE_K)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))
-
-
-def kernel_configs(path: str, interpret: bool = not AUTOTUNE) -> list[triton.Config]:
-    """Autotuning space for the decode or prefill kernel (shared by the W8A16 kernels).
-
-    UNMEASURED: written without a GPU. The decode list spans strips of 32..256 output channels and
-    2..16-way split-K (4096 / 64 channels x 8 splits = 512 programs ~ 4 per H100 SM); the prefill list is
-    the tutorial's fp16 list cut to BLOCK_SIZE_K <= 128 (tiles then sit inside one group of 128 or more).
-    Under the interpreter (and with ALMAK_AUTOTUNE=0) one config each: blocks of 128 (3x faster there than 64,
-    measured on the tests' shapes) that still leave every test shape a ragged N or K edge (192, 576, 1000,
-    64), group sizes on both sides of BLOCK_SIZE_K (32, 64 < 128 <= 128, per-channel), and SPLIT_K = 2 so
-    that the atomic reduction runs.
-    """
-    if path == "decode":
-        if interpret:
-            return [triton.Config({"BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "SPLIT_K": 2})]
-        shapes = [  # (BLOCK_SIZE_N, BLOCK_SIZE_K, SPLIT_K, num_warps)
-            (32, 128, 8, 4), (64, 64, 16, 4), (64, 128, 4, 4), (64, 128, 8, 4),
-            (128, 64, 8, 4), (128, 128, 4, 8), (256, 64, 4, 8), (64, 256, 2, 4),
-        ]
-        return [triton.Config({"BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "SPLIT_K": s}, num_warps=w, num_stages=3)
-                for n, k, s, w in shapes]
-    if path == "prefill":
-        if interpret:
-            return [triton.Config({"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 4})]
-        shapes = [  # (BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, num_stages, num_warps)
-            (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-            (64, 256, 64, 3, 8), (128, 128, 64, 3, 8), (128, 64, 128, 3, 4), (64, 128, 128, 3, 4),
-        ]
-        return [triton.Config({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": 8},
-                              num_stages=st, num_warps=w) for m, n, k, st, w in shapes]
-    raise ValueError(f"unknown kernel path {path!r}; expected 'decode' or 'prefill'")
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 _KEY = ["M_BUCKET", "N", "K", "QUANT_GROUP_SIZE"]
-# The decode kernel accumulates with atomics, so every autotuning trial must start from a zeroed output.
-_w4a16_decode = triton.autotune(configs=kernel_configs("decode"), key=_KEY, reset_to_zero=["c_ptr"])(
-    _w4a16_decode_kernel)
-_w4a16_prefill = triton.autotune(configs=kernel_configs("prefill"), key=_KEY)(_w4a16_prefill_kernel)
+_w4a16_decode = autotuned(_w4a16_decode_kernel, "decode", "w4a16", _KEY)
+_w4a16_prefill = autotuned(_w4a16_prefill_kernel, "prefill", "w4a16", _KEY)
 
 
-# ---------------------------------------------------------------------------------------- shared checks
-
-
-def check_activation(x: torch.Tensor, K: int, name: str) -> None:
-    """Raise ValueError unless x is a floating (..., K) activation of a supported dtype."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _ACTIVATION_DTYPES:
-        raise ValueError(f"{name}: x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"{name}: x of shape {tuple(x.shape)} does not end in K={K} (the weight's in_features)")
-
-
-def check_scales(scales: torch.Tensor, zeros: torch.Tensor | None, N: int, K: int, group_size: int,
-                 device: torch.device, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate scales/zeros for (N, K) weights; return them as 2-D (N, groups) views."""
-    if group_size != -1 and group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"{name}: group_size must be one of {SUPPORTED_GROUP_SIZES} or -1 (per output "
-                         f"channel), got {group_size}")
-    groups = 1 if group_size == -1 else triton.cdiv(K, group_size)
-    out = []
-    for label, t in (("scales", scales), ("zeros", zeros)):
-        if t is None:
-            out.append(None)
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
-        if label == "scales" and not t.is_floating_point():
-            raise ValueError(f"{name}: scales must be floating point, got {t.dtype}")
-        if label == "zeros" and (t.is_complex() or t.dtype == torch.bool):
-            raise ValueError(f"{name}: zeros must be floating point or integer, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name}: {label} is on {t.device} but qweight is on {device}")
-        if group_size == -1 and t.shape in ((N,), (N, 1)):
-            t = t.reshape(N, 1)
-        if tuple(t.shape) != (N, groups):
-            want = f"({N},) or ({N}, 1)" if group_size == -1 else f"({N}, {groups}) = (N, ceil(K / group_size))"
-            raise ValueError(f"{name}: {label} of shape {tuple(t.shape)} should be {want} for N={N}, K={K}, "
-                             f"group_size={group_size}")
-        out.append(t)
-    return out[0], out[1]
-
-
-def choose_path(x2: torch.Tensor, path: str, name: str) -> str:
-    """Resolve ``path="auto"`` from the device and the number of rows; refuse Triton paths without Triton."""
-    if path not in _PATHS:
-        raise ValueError(f"{name}: path must be one of {_PATHS}, got {path!r}")
-    triton_ok = x2.device.type == "cuda" or (INTERPRET and x2.device.type == "cpu")
-    if path == "auto":
-        M = x2.shape[0]
-        if not triton_ok or M >= DENSE_MIN_M:
-            return "dense"
-        return "decode" if M <= DECODE_MAX_M else "prefill"
-    if path != "dense" and not triton_ok:
-        raise ValueError(f"{name}: path={path!r} needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), "
-                         f"got x on {x2.device}")
-    return path
-
-
-def launch(decode_fn, prefill_fn, path: str, x2: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
-           zeros: torch.Tensor | None, N: int, quant_group_size: int, **extra) -> torch.Tensor:
-    """Allocate the output and launch the decode or prefill kernel on 2-D x (shared with W8A16)."""
+def plan_w4a16(path: str, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_size: int) -> Launch:
+    """The kernel call for 2-D x (at most 16 rows on the decode path) on the "decode" or "prefill" path, with
+    the arguments the JIT will see."""
     M, K = x2.shape
-    out_dtype = x2.dtype
-    if INTERPRET and x2.dtype == torch.bfloat16:
-        # The interpreter's bf16 tl.dot is wrong; compute the bf16 case in float32 there (GPU runs bf16).
-        x2 = x2.float()
-    # Zeros pointer is never read when HAS_ZEROS is False; scales stands in for it.
-    z = scales if zeros is None else zeros
-    # fp32 activations get true fp32 products, matching torch's default (TF32 off for matmuls).
-    precision = "ieee" if x2.dtype == torch.float32 else "tf32"
-    common = dict(M_BUCKET=triton.next_power_of_2(M), QUANT_GROUP_SIZE=quant_group_size,
-                  DOT_PRECISION=precision, **extra)
-    strides = (*x2.stride(), *b.stride(), *scales.stride(), *z.stride())
-    if path == "decode":
-        c = torch.zeros((M, N), device=x2.device, dtype=torch.float32)
-        block_m = 1 if M == 1 else 16  # 16: the smallest M tile tl.dot accepts
-        grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(N, META["BLOCK_SIZE_N"]), META["SPLIT_K"])
-        decode_fn[grid](x2, b, scales, z, c, M, N, K, *strides, *c.stride(), BLOCK_SIZE_M=block_m, **common)
-        return c.to(out_dtype)
-    c = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_SIZE_M"]) * triton.cdiv(N, META["BLOCK_SIZE_N"]),)
-    prefill_fn[grid](x2, b, scales, z, c, M, N, K, *strides, *c.stride(), **common)
-    return c.to(out_dtype)
+    assert path == "prefill" or M <= DECODE_MAX_M, "the decode kernel takes at most 16 rows"
+    N = qweight.shape[0]
+    x2, precision = dot_setup(x2)
+    mask, magic = _UNPACK[x2.dtype]
+    c = output_buffer(path, M, N, x2)
+    args = (x2, qweight, scales, zeros, c, M, N, K, *x2.stride(), *qweight.stride(), *scales.stride(),
+            *zeros.stride(), *c.stride(), mask, magic, 0, triton.next_power_of_2(M))
+    kwargs = dict(QUANT_GROUP_SIZE=0 if group_size == -1 else group_size, DOT_PRECISION=precision)
+    kernel = _w4a16_decode if path == "decode" else _w4a16_prefill
+    return Launch(kernel, args, kwargs, grid_for(path, M, N), c)
 
 
 # -------------------------------------------------------------------------------------- public functions
@@ -391,9 +356,14 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     elif path == "dense":
         y = F.linear(x2, dequantize_w4(qweight, scales, zeros, group_size, dtype=x.dtype))
     else:
-        y = launch(_w4a16_decode, _w4a16_prefill, path, x2, qweight, scales, zeros, N,
-                   0 if group_size == -1 else group_size)
+        y = torch.cat([plan_w4a16(path, rows, qweight, scales, zeros, group_size).run().to(x.dtype)
+                       for rows in _row_chunks(x2, path)])
     return y.reshape(*x.shape[:-1], N)
+
+
+def _row_chunks(x2: torch.Tensor, path: str) -> list[torch.Tensor]:
+    """x2 as the launches take it: whole, or in 16-row pieces on the decode path (when forced beyond 16 rows)."""
+    return list(x2.split(DECODE_MAX_M)) if path == "decode" else [x2]
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -414,27 +384,7 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     else:
         shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
         W.view(N, K).copy_(((qweight.unsqueeze(-1) >> shifts) & 0xF).reshape(N, K))
-    return _apply_groups_(W.view(N, K), scales, zeros, group_size).to(dtype)
-
-
-def _apply_groups_(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    """In place on float32 codes W (N, K): ``(W - z) * s`` with (N, groups) scales/zeros, ragged tail included.
-
-    Broadcasting over (N, groups, group_size) views instead of repeating the scales K times: on CPU the
-    dequantization is bound by memory traffic and fresh allocations.
-    """
-    N, K = W.shape
-    G = K if group_size == -1 else group_size
-    full = K // G  # complete groups; a ragged last group, if any, has K - full * G columns
-    s, z = scales.float().unsqueeze(-1), None if zeros is None else zeros.float().unsqueeze(-1)
-    parts = [(W[:, :full * G].view(N, full, G), slice(0, full))] if full else []
-    if full * G < K:
-        parts.append((W[:, full * G:].view(N, 1, K - full * G), slice(full, full + 1)))
-    for part, g in parts:
-        if z is not None:
-            part.sub_(z[:, g])
-        part.mul_(s[:, g])
-    return W
+    return apply_groups_(W.view(N, K), scales, zeros, group_size).to(dtype)
 
 
 def w4a16_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
