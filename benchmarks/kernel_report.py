@@ -104,28 +104,30 @@ def weight_layout(kernel: str, N: int, K: int) -> dict:
     return dict(weight=N * K // 4 + N * K // 8, side=2 * N * groups * 2, bits=3.0)
 
 
-def plan(kernel: str, path: str, M: int, N: int, K: int):
-    """The launcher's Launch for meta-device operands of this shape (float16 activations)."""
+def plan(kernel: str, path: str, M: int, N: int, K: int, activations: str = "float16"):
+    """The launcher's Launch for meta-device operands of this shape; scales and 2:4 values in the activations'
+    dtype, as almak's layers keep them."""
     import torch
 
     from almak.kernels import sparse24, w4a16, w8a16
 
     meta = dict(device="meta")
-    x = torch.empty(M, K, dtype=torch.float16, **meta)
+    dtype = getattr(torch, activations)
+    x = torch.empty(M, K, dtype=dtype, **meta)
     groups = math.ceil(K / W4_GROUP)
     if kernel == "w4a16":
         qw = torch.empty(N, K // 8, dtype=torch.int32, **meta)
-        s = torch.empty(N, groups, dtype=torch.float16, **meta)
+        s = torch.empty(N, groups, dtype=dtype, **meta)
         return w4a16.plan_w4a16(path, x, qw, s, s.clone(), W4_GROUP)
     if kernel == "w8a16":
         qw = torch.empty(N, K, dtype=torch.int8, **meta)
-        return w8a16.plan_w8a16(path, x, qw, torch.empty(N, 1, dtype=torch.float16, **meta), None, -1)
+        return w8a16.plan_w8a16(path, x, qw, torch.empty(N, 1, dtype=dtype, **meta), None, -1)
     m = torch.empty(N, K // 32, dtype=torch.int32, **meta)
     if kernel == "sparse24":
-        v = torch.empty(N, K // 2, dtype=torch.float16, **meta)
+        v = torch.empty(N, K // 2, dtype=dtype, **meta)
         return sparse24.plan_sparse24(path, x, v, m, None, None, -1)
     qv = torch.empty(N, K // 16, dtype=torch.int32, **meta)
-    s = torch.empty(N, groups, dtype=torch.float16, **meta)
+    s = torch.empty(N, groups, dtype=dtype, **meta)
     return sparse24.plan_sparse24(path, x, qv, m, s, s.clone(), W4_GROUP)
 
 
@@ -156,7 +158,7 @@ def compile_case(job: dict) -> dict:
     import sass_stats
 
     N, K = job["shape"]
-    launch = plan(job["kernel"], job["path"], job["M"], N, K)
+    launch = plan(job["kernel"], job["path"], job["M"], N, K, job["activations"])
     config = next(c for c in _configs(job["kernel"], job["path"]) if _config_id(c) == job["config"])
     fn, heuristics = _jit_and_heuristics(launch.kernel)
     kwargs = dict(launch.kwargs, **config.kwargs)
@@ -380,7 +382,7 @@ def write_json(report: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def jobs(kernels, arches, sass_dir=None) -> list[dict]:
+def jobs(kernels, arches, sass_dir=None, activations: str = "float16") -> list[dict]:
     out = []
     shape = SHAPES["alma-7b"][1]  # any ALMA shape: N and K divisible by 16 specialize the same
     for kernel in kernels:
@@ -389,7 +391,7 @@ def jobs(kernels, arches, sass_dir=None) -> list[dict]:
                 for arch in arches:
                     for M in (Ms if path == "decode" else Ms[:1]):
                         out.append(dict(kernel=kernel, path=path, config=_config_id(config), arch=arch, M=M,
-                                        shape=shape, sass_dir=sass_dir))
+                                        shape=shape, sass_dir=sass_dir, activations=activations))
     return out
 
 
@@ -412,7 +414,7 @@ def _ensure_importable() -> None:
 
 
 def run(kernels=KERNELS, arches=ARCHES, workers: int | None = None, sass_dir: str | None = None,
-        progress=None) -> dict:
+        progress=None, activations: str = "float16") -> dict:
     """Compile every case and return the report (a dict ready for JSON). Needs a process whose almak kernels
     are JIT functions: TRITON_INTERPRET unset or 0 when almak.kernels is first imported (main() sees to it)."""
     _ensure_importable()
@@ -421,7 +423,7 @@ def run(kernels=KERNELS, arches=ARCHES, workers: int | None = None, sass_dir: st
     if INTERPRET:
         raise RuntimeError("almak.kernels was imported under TRITON_INTERPRET=1; run the report in a process "
                            "without it")
-    todo = jobs(kernels, arches, sass_dir)
+    todo = jobs(kernels, arches, sass_dir, activations)
     workers = workers or min(len(todo), os.cpu_count() or 1)
     compiled = []
     t0 = time.perf_counter()
@@ -441,7 +443,7 @@ def run(kernels=KERNELS, arches=ARCHES, workers: int | None = None, sass_dir: st
         model=__doc__.split("speedup over an fp16 GEMV/GEMM")[1].split("Nothing here")[0].strip(),
         gpus={name: {k: v for k, v in g.items()} for name, g in GPUS.items()},
         arch_limits={f"sm_{a}": dict(v, shared_per_block=_shared_limit(a)) for a, v in ARCH_LIMITS.items()},
-        activations="float16",
+        activations=activations,
         schemes=dict(w4a16=f"int4 asymmetric, group {W4_GROUP}, fp16 scales and zeros",
                      w8a16="int8 symmetric per output channel, fp16 scales",
                      sparse24="2:4, fp16 kept values", sparse24_w4a16=f"2:4, int4 kept values, group {W4_GROUP}"),
@@ -465,6 +467,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--sass-dir", default=None, help="also write each compiled kernel's SASS (gzip) here")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per core)")
+    parser.add_argument("--activations", choices=("float16", "bfloat16"), default="float16",
+                        help="activation dtype the kernels are compiled for (default: %(default)s; the committed "
+                             "report is float16)")
     args = parser.parse_args(argv)
     kernels = [k for k in args.kernels.split(",") if k]
     if unknown := set(kernels) - set(KERNELS):
@@ -480,7 +485,7 @@ def main(argv=None) -> None:
         print(f"[{done}/{total}] {rec['kernel']} {rec['path']} {rec['config']} sm_{rec['arch']} M={rec['M']}: "
               f"{rec['registers']} regs, loop {rec['sass_loop']} instrs", file=sys.stderr)
 
-    report = run(kernels, arches, args.workers, args.sass_dir, progress)
+    report = run(kernels, arches, args.workers, args.sass_dir, progress, args.activations)
     write_json(report, args.out)
     print(f"wrote {args.out} ({len(report['records'])} records)", file=sys.stderr)
     if not args.no_plot:
