@@ -198,7 +198,8 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
       echo "Die Ware hat unter 20 Euro gekostet." | almak translate --src de --tgt en
     """
     from almak.eval.data import read_lines
-    from almak.eval.evaluate import check_new_output, write_text_atomic
+    from almak.eval.evaluate import check_new_output
+    from almak.files import write_text_atomic
     from almak.eval.generate import GenerationConfig
     from almak.eval.generate import translate as run_translate
     from almak.eval.prompts import Prompt, language_name
@@ -552,7 +553,8 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
 
     from almak.eval.bench import (BenchConfig, device_name, plot_decode_speedup, plot_quality, quality_metric,
                                   random_model, run_bench, summarize)
-    from almak.eval.evaluate import check_new_output, write_dir_atomic
+    from almak.eval.evaluate import check_new_output
+    from almak.files import write_dir_atomic
     from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 
     try:

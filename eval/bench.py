@@ -25,6 +25,10 @@ from typing import Callable
 import torch
 
 from almak.errors import AlmakError
+from almak.eval.generate import ENGINES
+from almak.modeling.decoder import Decoder
+from almak.modeling.surgery import QuantConfig, quantize_, sparsify_, target_linears
+from almak.sparse.masks import apply_mask_, nm_mask
 
 __all__ = ["BenchConfig", "run_bench", "bench_once", "summarize", "device_name", "SHAPES", "SHAPE_VARIANTS",
            "random_model", "make_variant"]
@@ -70,8 +74,6 @@ def make_variant(model, variant: str):
 
     Speed runs only: the pruning is by magnitude and the quantization round-to-nearest, with no calibration.
     """
-    from almak.modeling.surgery import QuantConfig, quantize_, sparsify_, target_linears
-    from almak.sparse.masks import apply_mask_, nm_mask
 
     if variant not in SHAPE_VARIANTS:
         raise AlmakError(f"unknown variant {variant!r}; choose from {', '.join(SHAPE_VARIANTS)}")
@@ -119,8 +121,6 @@ class BenchConfig:
     cuda_graphs: bool = True  # almak's loop on CUDA: decode steps replay a CUDA graph captured before timing
 
     def __post_init__(self):
-        from almak.eval.generate import ENGINES
-
         if self.engine not in ENGINES:
             raise AlmakError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
         self.batch_sizes = tuple(self.batch_sizes)
@@ -158,8 +158,6 @@ def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if engine == "almak":
-        from almak.modeling.decoder import Decoder
-
         decoder = Decoder(model, batch, prompt_len + gen_len, graphs=cuda_graphs and device.type == "cuda")
         decoder.capture(batch)
         _sync(device)

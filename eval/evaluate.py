@@ -4,10 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import resource
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +17,8 @@ from almak.eval import metrics as M
 from almak.eval.data import TestSet
 from almak.eval.generate import GenerationConfig, translate
 from almak.eval.prompts import Prompt
+from almak.files import write_dir_atomic
+from almak.modeling.load import weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,6 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
 
     ``progress(stage, total)`` may return a callback that is fed the count of finished sentences.
     """
-    from almak.modeling.load import weight_bytes
 
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -120,33 +118,6 @@ def check_new_output(path: Path, overwrite: bool) -> None:
         raise AlmakError(f"{str(path)!r} exists; pass --overwrite to replace it")
     if not path.parent.is_dir():
         raise AlmakError(f"the folder of {str(path)!r} does not exist")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it over ``path`` when complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_dir_atomic(out: Path, fill: Callable[[Path], None]) -> None:
-    """Let ``fill`` write the files of ``out`` into a temporary folder beside it, then rename that folder to
-    ``out`` (replacing what is there); on any error the temporary folder goes and ``out`` is untouched."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        fill(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_eval_dir(out: Path, report: dict, hyps: list[str], overwrite: bool) -> None:

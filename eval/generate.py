@@ -28,6 +28,7 @@ import torch
 
 from almak.errors import AlmakError
 from almak.eval.prompts import Prompt
+from almak.modeling.decoder import Decoder, check_supported
 
 ENGINES = ("almak", "hf")
 
@@ -114,8 +115,6 @@ def translate(
     """
     config = config or GenerationConfig()
     if config.engine == "almak":
-        from almak.modeling.decoder import check_supported
-
         check_supported(model)  # before any work, so a refusal names --engine hf at once
     hyps, raw = [""] * len(sources), [""] * len(sources)
     todo = [i for i, s in enumerate(sources) if s.strip()]
@@ -177,7 +176,6 @@ def _generate_hf(model, tokenizer, todo, prompts, add_special, eos, config, prog
 
 def _decoder_for(model, sentences: list[int], ids, config, rows: int):
     """A Decoder of ``rows`` rows with room for the longest of ``sentences``' prompts and the budget."""
-    from almak.modeling.decoder import Decoder
 
     graphs = config.cuda_graphs and next(model.parameters()).device.type == "cuda"
     return Decoder(model, rows, max(len(ids[i]) for i in sentences) + config.max_new_tokens, graphs=graphs)

@@ -11,6 +11,7 @@ the 2:4 layout is almak's own and converts to and from compressed-tensors' ``spa
   symmetric (``W = q * scales``) when ``zeros`` is None.
 - ``w4a16_reference``, ``w8a16_reference``: the same results by dequantize + ``F.linear`` in float32.
 - ``dequantize_w4``, ``dequantize_w8``: materialize W (N, K).
+- ``pack_int4(codes)`` / ``unpack_int4(qweight)``: (N, K) codes in [0, 15] <-> the (N, K // 8) int32 layout.
 - ``sparse24_matmul(x, values, meta) -> y`` for 2:4-sparse W (every 4 consecutive weights along K hold at
   most 2 non-zeros; K a multiple of 32): ``values`` (N, K // 2) fp16/bf16/fp32, the two kept weights of each
   group of four in order of position; ``meta`` (N, K // 32) int32, nibble j of ``meta[n, i]`` describes group
@@ -28,6 +29,9 @@ which runs the Triton kernels on the CPU for tests). ``path=`` forces one of "de
 Dispatch, checks and autotuning configs live in :mod:`almak.kernels.common`; what each config compiles to on
 each GPU generation is in benchmarks/results/static-report.json (``python benchmarks/kernel_report.py``).
 
+Triton is needed only for the Triton paths: where it is not installed (``HAVE_TRITON`` False) CPU tensors
+still take the dense path, and a CUDA tensor or a forced decode/prefill path raises ``TritonMissing``.
+
 Example:
     >>> from almak.kernels import w4a16_matmul
     >>> y = w4a16_matmul(x, qweight, scales, zeros, group_size=128)
@@ -35,6 +39,7 @@ Example:
     >>> y = sparse24_matmul(x, *compress_24(W_24))   # W_24 (N, K) 2:4 sparse
 """
 
+from .common import HAVE_TRITON, TritonMissing
 from .sparse24 import (
     compress_24,
     decompress_24,
@@ -46,15 +51,19 @@ from .sparse24 import (
     sparse24_w4a16_reference,
     to_bitmask_24,
 )
-from .w4a16 import DECODE_MAX_M, DENSE_MIN_M, dequantize_w4, w4a16_matmul, w4a16_reference
+from .w4a16 import DECODE_MAX_M, DENSE_MIN_M, dequantize_w4, pack_int4, unpack_int4, w4a16_matmul, w4a16_reference
 from .w8a16 import dequantize_w8, w8a16_matmul, w8a16_reference
 
 __all__ = [
+    "HAVE_TRITON",
+    "TritonMissing",
     "DECODE_MAX_M",
     "DENSE_MIN_M",
     "w4a16_matmul",
     "w4a16_reference",
     "dequantize_w4",
+    "pack_int4",
+    "unpack_int4",
     "w8a16_matmul",
     "w8a16_reference",
     "dequantize_w8",

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import triton
+
+from ._triton import HAVE_TRITON, TritonMissing, triton
 
 __all__ = [
     "DECODE_MAX_M",
@@ -33,6 +34,8 @@ __all__ = [
     "SUPPORTED_GROUP_SIZES",
     "INTERPRET",
     "AUTOTUNE",
+    "HAVE_TRITON",
+    "TritonMissing",
     "ARCH_SHARED_LIMIT",
     "Launch",
     "kernel_configs",
@@ -197,10 +200,13 @@ def check_scales(scales: torch.Tensor, zeros: torch.Tensor | None, N: int, K: in
 
 
 def choose_path(x2: torch.Tensor, path: str, name: str) -> str:
-    """Resolve ``path="auto"`` from the device and the number of rows; refuse Triton paths without Triton."""
+    """Resolve ``path="auto"`` from the device and the number of rows; refuse Triton paths without Triton (a
+    CUDA tensor, or a forced decode/prefill path, where Triton is not installed: :class:`TritonMissing`)."""
     if path not in _PATHS:
         raise ValueError(f"{name}: path must be one of {_PATHS}, got {path!r}")
-    triton_ok = x2.device.type == "cuda" or (INTERPRET and x2.device.type == "cpu")
+    if not HAVE_TRITON and (x2.device.type == "cuda" or path in ("decode", "prefill")):
+        raise TritonMissing(name if path == "auto" else f"{name}: path={path!r}")
+    triton_ok = HAVE_TRITON and (x2.device.type == "cuda" or (INTERPRET and x2.device.type == "cpu"))
     if path == "auto":
         M = x2.shape[0]
         if not triton_ok or M >= DENSE_MIN_M:

@@ -44,15 +44,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-# Absolute, not ``..quant``: with the repo root as working directory, transformers' package probe imports this
-# folder as a top-level "kernels" package, and a relative import beyond it would break `import transformers`.
-from almak.quant.pack import pack_int4, unpack_int4
-
+from ._triton import tl, triton
 from .common import (
-    INTERPRET,
+    INTERPRET,  # noqa: F401 (the tests read it from here)
     Launch,
     apply_groups_,
     autotuned,
@@ -64,7 +59,7 @@ from .common import (
     output_buffer,
 )
 from .w4a16 import _UNPACK as W4_UNPACK
-from .w4a16 import _halves, _row_chunks, _unpack_w4, _zero_offset
+from .w4a16 import _halves, _row_chunks, _unpack_w4, _zero_offset, pack_int4, unpack_int4
 
 __all__ = [
     "compress_24",
@@ -577,7 +572,7 @@ def sparse24_w4a16_matmul(x: torch.Tensor, qvalues: torch.Tensor, meta: torch.Te
         (..., N) tensor in x's dtype.
 
     Example:
-        >>> from almak.quant.pack import pack_int4
+        >>> from almak.kernels import pack_int4
         >>> y = sparse24_w4a16_matmul(x, pack_int4(codes), meta, scales, zeros, 128)   # codes (N, K // 2)
     """
     name = "sparse24_w4a16_matmul"

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .common import (
     SUPPORTED_GROUP_SIZES,
     Launch,

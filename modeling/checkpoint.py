@@ -56,16 +56,18 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+import almak
 from almak.errors import AlmakError
+from almak.files import write_dir_atomic
+from almak.kernels.sparse24 import from_bitmask_24, to_bitmask_24
+from almak.modeling.devices import check_device, resolve_dtype
 from almak.modeling.quant_linear import QuantLinear
 from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
 from almak.modeling.surgery import set_module
@@ -271,8 +273,6 @@ def checkpoint_quantization_config(model: nn.Module, act_order: bool = False) ->
 
 def _ct_sparse_tensors(name: str, layer: Sparse24Linear) -> dict[str, torch.Tensor]:
     """The sparse-24-bitmask tensors of one Sparse24Linear: compressed (N, K/2), bitmask, shape (2, 1)."""
-    from almak.kernels.sparse24 import to_bitmask_24
-
     compressed, bitmask = to_bitmask_24(layer.values, layer.meta)
     out = {f"{name}.compressed": compressed, f"{name}.bitmask": bitmask,
            f"{name}.shape": torch.tensor([[layer.out_features], [layer.in_features]], dtype=torch.int64)}
@@ -391,7 +391,6 @@ def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwr
                       extra_json: dict[str, dict] | None = None) -> Path:
     from safetensors.torch import save_file
 
-    import almak
 
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
@@ -413,9 +412,7 @@ def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwr
         raise AlmakError(f"not enough disk space in {out.parent}: the checkpoint needs about "
                          f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    def fill(tmp: Path) -> None:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         _write_config(model, tmp, quant_config)
         if getattr(model, "generation_config", None) is not None:
@@ -426,16 +423,8 @@ def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwr
             log.warning("no tokenizer given: %s will hold none", out)
         for fname, text in texts.items():
             (tmp / fname).write_text(text, encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(out, fill)
     log.info("wrote %s: %d quantized and %d 2:4 linears, %.1f MiB of tensors", out, len(_quant_layers(model)),
              len(_sparse_layers(model)), (need - SPACE_MARGIN) / 2**20)
     return out
@@ -619,8 +608,6 @@ def _to_sparse_quant(layer: QuantLinear, name: str, folder: Path) -> nn.Module:
 
 def _load_sparse24_layers(model: nn.Module, tensors: _Tensors, qc: dict, folder: Path) -> set[str]:
     """Layers stored as sparse-24-bitmask (compressed, bitmask, shape) -> Sparse24Linear, kept compressed."""
-    from almak.kernels.sparse24 import from_bitmask_24
-
     used = set()
     for key in [k for k in tensors if k.endswith(".bitmask")]:
         name = key[: -len(".bitmask")]
@@ -720,8 +707,6 @@ def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch
     >>> model, tok = load_quantized("out/smollm-w4")     # doctest: +SKIP
     """
     from transformers import AutoTokenizer, GenerationConfig
-
-    from almak.modeling.load import check_device, resolve_dtype
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():

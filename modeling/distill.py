@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 from almak.errors import AlmakError
 from almak.eval.metrics import target_logits
-from almak.modeling.finetune import FinetuneConfig, _base_ref, train
+from almak.files import write_dir_atomic
+from almak.modeling.checkpoint import SPARSITY_REPORT_FILE, read_recipe, save_pruned, save_quantized
+from almak.modeling.finetune import FinetuneConfig, _base_ref, schedule, train
 from almak.modeling.quant_linear import QuantLinear
 from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
 from almak.modeling.surgery import set_module, sparsify_, target_linears
@@ -211,8 +213,6 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, prompt_family: st
     >>> distill(s.model, t.model, t.tokenizer, "alma", DistillConfig(data="alma:de-en", steps=100),
     ...         "runs/smollm-24-kd", "runs/smollm-24", "smollm2-135m")                       # doctest: +SKIP
     """
-    from almak.eval.evaluate import write_dir_atomic
-    from almak.modeling.checkpoint import SPARSITY_REPORT_FILE, read_recipe, save_pruned, save_quantized
 
     teacher.eval()
     for p in teacher.parameters():
@@ -253,7 +253,6 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, prompt_family: st
 def _optimizer(model: nn.Module, student: Student, config: DistillConfig):
     """AdamW with the kept weights at the pruned rate and the scales at the scales rate, no weight decay on
     scales (they are the weight's magnitude, not a free parameter), the finetune schedule."""
-    from almak.modeling.finetune import schedule
 
     groups = []
     weights = [model.get_submodule(n).weight for n in student.masks]

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,10 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import almak
 from almak.errors import AlmakError
 from almak.eval.data import ALMA_DIRECTIONS, TestSet, alma_parallel, load_testset, read_json_records
 from almak.eval.metrics import NLL, reference_nll, target_logits, teacher_forcing_batch
 from almak.eval.prompts import Prompt, parse_lang_pair
+from almak.files import ordinary_modes, temp_dir_beside, write_dir_atomic
 
 log = logging.getLogger(__name__)
 # peft asks transformers 5 through a deprecated name on every forward in training; nothing for a user to act on.
@@ -319,7 +320,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, state
     so a crash at any moment leaves one complete checkpoint: ``checkpoint`` or ``.checkpoint.old``)."""
     from safetensors.torch import save_file
 
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out_dir))
+    tmp = temp_dir_beside(out_dir / CHECKPOINT)
     try:
         save_file({n: p.detach().contiguous() for n, p in trainable_parameters(model).items()},
                   tmp / "weights.safetensors")
@@ -334,7 +335,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, state
                                                      for g in opt["param_groups"]]),
                      scheduler=_json_safe(scheduler.state_dict()))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
+        ordinary_modes(tmp)
         target, old = out_dir / CHECKPOINT, out_dir / f".{CHECKPOINT}.old"
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -473,7 +474,6 @@ def train(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfi
     ``batch_loss(model, ids, attn, labels)`` returns the summed loss of a batch's target tokens; ``optimizer(model)``
     (default :func:`make_optimizer`) returns (optimizer, scheduler), ``after_step(model)`` runs after each
     optimizer step. Writes ``train_log.jsonl`` and checkpoints into ``out_dir``; the caller writes the result."""
-    import almak
 
     out_dir = Path(out_dir)
     check_output(out_dir, resume, overwrite)
@@ -609,8 +609,6 @@ def _record_valid(state: dict, log_path: Path, step: int, nll: NLL, emit, log_fi
 def _write_result(out_dir: Path, model: nn.Module, tokenizer, config: FinetuneConfig, base_ref: str | None,
                   recipe: dict) -> None:
     """Replace the workspace (checkpoint and all) with the result in one rename."""
-    from almak.eval.evaluate import write_dir_atomic
-
     def fill(tmp: Path) -> None:
         if config.full:
             model.save_pretrained(tmp)

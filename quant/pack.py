@@ -25,54 +25,13 @@ from __future__ import annotations
 
 import torch
 
+# The int4 layout belongs to the kernel that reads it; quant/ packs through it.
+from almak.kernels.w4a16 import pack_int4, unpack_int4
+
 __all__ = ["pack_int4", "unpack_int4", "quantize_rtn_groupwise", "search_clip", "dequantize_groupwise"]
 
-# int4 codes per int32 word.
-PACK_FACTOR = 8
 # Group sizes almak's schemes use (the kernels compile for these); -1 is one group per output row.
 GROUP_SIZES = (32, 64, 128, 256, -1)
-
-
-def _shifts(device: torch.device) -> torch.Tensor:
-    return torch.arange(0, 32, 4, device=device, dtype=torch.int64)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Pack (N, K) 4-bit codes in [0, 15] into (N, K // 8) int32, ``W[n, 8i + j]`` in bits 4j..4j+3.
-
-    Example:
-        >>> pack_int4(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]]))
-        tensor([[-144358623]], dtype=torch.int32)
-    """
-    if q.dim() != 2 or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
-        raise ValueError(f"pack_int4: expected 2-D integer codes (N, K), got {q.dtype} of shape {tuple(q.shape)}")
-    N, K = q.shape
-    if K % PACK_FACTOR != 0:
-        raise ValueError(f"pack_int4: K must be a multiple of 8 to pack 8 codes per int32, got shape {tuple(q.shape)}")
-    q64 = q.to(torch.int64)
-    if q64.numel() and (q64.min() < 0 or q64.max() > 15):
-        raise ValueError(f"pack_int4: codes must lie in [0, 15], got [{q64.min().item()}, {q64.max().item()}]")
-    # Sum of disjoint nibbles in int64 is in [0, 2**32); nibble 7 lands on int32's sign bit, so wrap to
-    # the int32 with the same bits explicitly instead of relying on an out-of-range cast.
-    words = (q64.reshape(N, K // PACK_FACTOR, PACK_FACTOR) << _shifts(q.device)).sum(dim=-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
-
-
-def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: (N, K // 8) int32 -> (N, K) uint8 codes in [0, 15].
-
-    Example:
-        >>> unpack_int4(torch.tensor([[-144358623]], dtype=torch.int32))
-        tensor([[ 1,  2,  3,  4,  5,  6,  7, 15]], dtype=torch.uint8)
-    """
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError(f"unpack_int4: expected a 2-D int32 tensor, got {qweight.dtype} of shape {tuple(qweight.shape)}")
-    N, Kp = qweight.shape
-    # Reinterpret as unsigned 32-bit (in int64) so the shifts are logical: nibble 7 must not sign-extend.
-    words = qweight.to(torch.int64) & 0xFFFFFFFF
-    codes = (words.unsqueeze(-1) >> _shifts(qweight.device)) & 0xF
-    return codes.reshape(N, Kp * PACK_FACTOR).to(torch.uint8)
 
 
 def _grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:

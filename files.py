@@ -1,0 +1,101 @@
+"""Atomic writes that end with ordinary file modes.
+
+Everything almak writes (checkpoints, adapters, ``eval --out`` and ``bench --out`` folders, translations, the
+model cache) is first written under a temporary name beside its destination and renamed into place when
+complete, so that a crash never leaves half a file. Temporary files and folders are created private
+(``mkstemp`` gives 0600, ``mkdtemp`` 0700) and safetensors writes its files 0600, so before the rename
+:func:`ordinary_modes` gives every file and folder the mode a plain ``open()`` / ``mkdir()`` would have under
+the current umask (0644 / 0755 under umask 0022): a checkpoint handed to a server that runs as another user
+can then be read, and a user whose umask is 0077 still gets private files.
+
+>>> write_text_atomic(Path("out.txt"), "hello\\n")                               # doctest: +SKIP
+>>> write_dir_atomic(Path("run"), lambda tmp: (tmp / "a.json").write_text("{}"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["umask", "ordinary_modes", "temp_dir_beside", "publish_dir", "write_dir_atomic", "write_text_atomic"]
+
+
+def umask() -> int:
+    """The process's current umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_modes(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything under it) the modes ``open()`` / ``mkdir()`` would:
+    0666 / 0777 without the umask's bits. Symbolic links are left alone."""
+    mask = umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        path.chmod(file_mode)
+        return
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, dir_mode)
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, file_mode)
+        for name in dirs:
+            p = os.path.join(root, name)
+            if os.path.islink(p):
+                dirs.remove(name)
+
+
+def temp_dir_beside(out: Path) -> Path:
+    """A new empty private folder in ``out``'s parent (created if missing), to be renamed to ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Give the finished folder ``tmp`` ordinary modes and rename it to ``out``; an existing ``out`` is moved
+    aside first and deleted after, so that ``out`` is always either the old or the new complete folder."""
+    ordinary_modes(tmp)
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_dir_atomic(out: Path, fill: Callable[[Path], None]) -> None:
+    """Let ``fill`` write the files of ``out`` into a temporary folder beside it, then publish that folder as
+    ``out`` (replacing what is there); on any error the temporary folder goes and ``out`` is untouched."""
+    tmp = temp_dir_beside(out)
+    try:
+        fill(tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path`` and rename it over ``path`` when complete,
+    with the mode ``open()`` would give it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        ordinary_modes(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
