@@ -6,7 +6,7 @@ The import package `almak` is this repository's root (`package_dir={"almak": "."
 """
 from setuptools import setup
 
-SUBPACKAGES = ["kernels", "quant", "sparse", "modeling", "cli", "eval"]
+SUBPACKAGES = ["kernels", "quant", "sparse", "modeling", "modeling.checkpoint", "cli", "eval"]
 
 setup(
     name="almak",
@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    package_dir={"almak": ".", **{f"almak.{p}": p for p in SUBPACKAGES}},
+    package_dir={"almak": ".", **{f"almak.{p}": p.replace(".", "/") for p in SUBPACKAGES}},
     packages=["almak", *[f"almak.{p}" for p in SUBPACKAGES]],
     package_data={"almak": ["data/*", "data/*/*", "data/*/*/*"]},
     include_package_data=False,
