@@ -71,11 +71,22 @@ import almak
 from almak.errors import AlmakError
 from almak.files import write_dir_atomic
 from almak.modeling.checkpoint import gptq, pack_quantized, sparse24_bitmask
-from almak.modeling.checkpoint.common import (Tensors, pack_rows, quant_config, quant_layers, read_config,
-                                              sparse_layers, unpack_rows)
+from almak.modeling.checkpoint.common import (
+    Tensors,
+    pack_rows,
+    quant_config,
+    quant_layers,
+    read_config,
+    sparse_layers,
+    unpack_rows,
+)
 from almak.modeling.checkpoint.gptq import is_gptq_checkpoint
-from almak.modeling.checkpoint.pack_quantized import (CT_FORMAT, CT_LAYOUT_VERSION, ct_quantization_config,
-                                                      is_compressed_checkpoint)
+from almak.modeling.checkpoint.pack_quantized import (
+    CT_FORMAT,
+    CT_LAYOUT_VERSION,
+    ct_quantization_config,
+    is_compressed_checkpoint,
+)
 from almak.modeling.checkpoint.sparse24_bitmask import CT_SPARSE_FORMAT, CT_SPARSE_LAYOUT_VERSION, ct_sparsity_config
 from almak.modeling.checkpoint.vllm import vllm_limits
 from almak.modeling.devices import check_device, resolve_dtype

@@ -10,8 +10,15 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.checkpoint.common import (Tensors, fill_layer, group_order, linear_at, new_quant_linear, quant_config,
-                                              unpack_rows)
+from almak.modeling.checkpoint.common import (
+    Tensors,
+    fill_layer,
+    group_order,
+    linear_at,
+    new_quant_linear,
+    quant_config,
+    unpack_rows,
+)
 from almak.modeling.surgery import set_module
 from almak.quant.pack import pack_int4
 

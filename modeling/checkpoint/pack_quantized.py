@@ -12,8 +12,19 @@ import torch.nn as nn
 
 from almak.errors import AlmakError
 from almak.modeling.checkpoint import sparse24_bitmask
-from almak.modeling.checkpoint.common import (Tensors, fill_layer, group_order, linear_at, matches, new_quant_linear,
-                                              pack_rows, quant_config, quant_layers, scheme_key, unpack_rows)
+from almak.modeling.checkpoint.common import (
+    Tensors,
+    fill_layer,
+    group_order,
+    linear_at,
+    matches,
+    new_quant_linear,
+    pack_rows,
+    quant_config,
+    quant_layers,
+    scheme_key,
+    unpack_rows,
+)
 from almak.modeling.checkpoint.sparse24_bitmask import CT_SPARSE_FORMAT
 from almak.modeling.quant_linear import QuantLinear
 from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear

@@ -1,0 +1,190 @@
+"""What the commands share: option groups, model loading, progress bars and tables."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from almak.errors import AlmakError
+from almak.eval.generate import ENGINES
+from almak.modeling.finetune import GROUP_STEPS
+
+
+def progress_bar(desc: str, total: int, unit: str = "sent"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def model_options(f):
+    """The options every command that runs a model shares."""
+    f = click.option("--device", default="auto", show_default=True,
+                     help="cpu, cuda, cuda:1, ...; auto picks cuda when torch sees a GPU.")(f)
+    f = click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                     help="Activation/weight dtype; auto is float32 on CPU and float16 on GPU.")(f)
+    f = click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
+                     help="Prompt family; guessed from the model name when omitted (alma by default).")(f)
+    f = click.option("--group-size", type=click.Choice(["32", "64", "128", "256", "-1"]),
+                     help="Columns per scale for --quant (-1: one per output channel); "
+                          "default 128 for int4, -1 for int8.")(f)
+    f = click.option("--quant", type=click.Choice(["int8", "int4"]),
+                     help="Quantize the decoder-layer projections at load time (round to nearest, symmetric).")(f)
+    f = click.argument("model", required=False)(f)
+    return f
+
+
+def calibration_options(f):
+    """--prompt, --device and --dtype of the commands that calibrate layer by layer (quantize, prune)."""
+    f = click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                     help="Model dtype (quantization scales are stored in it); auto is float32 on CPU and "
+                          "float16 on GPU.")(f)
+    f = click.option("--device", default="auto", show_default=True,
+                     help="Where each decoder layer is calibrated (the model waits on the CPU); auto: cuda if "
+                          "present.")(f)
+    f = click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
+                     help="Prompt family of the calibration samples; guessed from the model name when omitted.")(f)
+    return f
+
+
+def load_for_calibration(model, device: str, dtype: str):
+    """(loaded model on the CPU, calibration device, prompt family) for quantize and prune."""
+    import torch
+
+    from almak.modeling.load import DEFAULT_MODEL, load_model
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "float16"
+    lm = load_model(model or DEFAULT_MODEL, device="cpu", dtype=dtype)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return lm, device
+
+
+def peak_memory(device: str) -> str:
+    import resource
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (cuda)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (cpu max rss)"
+
+
+def generation_options(f):
+    from almak.eval.generate import GenerationConfig
+
+    d = GenerationConfig()
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
+                     help="Sentences per batch (left-padded).")(f)
+    f = click.option("--max-new-tokens", type=click.IntRange(min=1), default=d.max_new_tokens,
+                     show_default=True, help="Generation budget per sentence.")(f)
+    f = click.option("--num-beams", type=click.IntRange(min=1), default=d.num_beams, show_default=True,
+                     help="Beam size (5 as ALMA evaluates; 1 is greedy).")(f)
+    f = click.option("--engine", type=click.Choice(list(ENGINES)), default=d.engine, show_default=True,
+                     help="almak: almak's own loop (preallocated KV cache; finished sentences hand their "
+                          "batch row to the next; LLaMA-family models). hf: transformers' generate, for "
+                          "comparison or other architectures.")(f)
+    f = click.option("--cuda-graphs/--no-cuda-graphs", default=d.cuda_graphs, show_default=True,
+                     help="With --engine almak on CUDA: replay each decode step as a CUDA graph (captured on first "
+                          "use); --no-cuda-graphs runs it eagerly. No effect on the CPU.")(f)
+    return f
+
+
+def quant_config(quant: str | None, group_size: str | None):
+    """The QuantConfig of --quant/--group-size, or None."""
+    from almak.modeling.surgery import QuantConfig
+
+    if not quant:
+        if group_size:
+            raise AlmakError("--group-size needs --quant")
+        return None
+    bits = int(quant[3:])
+    return QuantConfig(bits=bits, group_size=int(group_size or (128 if bits == 4 else -1)))
+
+
+def load(model, device, dtype, prompt_family, qconfig=None):
+    """Load MODEL, quantize it on the fly when asked, and settle the prompt family."""
+    import torch
+
+    from almak.eval.prompts import guess_family
+    from almak.modeling.load import DEFAULT_MODEL, load_model
+    from almak.modeling.surgery import quantize_
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
+    if qconfig:
+        summary = quantize_(lm.model, qconfig)
+        kept = f"; kept {', '.join(summary['skipped'])}" if summary["skipped"] else ""
+        click.echo(f"quantized {len(summary['quantized'])} linears to {qconfig.describe()}{kept}", err=True)
+    return lm, prompt_family or guess_family(lm.ref, lm.tokenizer)
+
+
+def print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
+    width = max(len(k) for k, _ in rows)
+    if title:
+        click.echo(title)
+    for k, v in rows:
+        click.echo(f"  {k:<{width}}  {v}")
+
+
+def fmt(x, digits=2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def metric_rows(report: dict) -> list[tuple[str, str]]:
+    rows = []
+    for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("comet", "COMET")):
+        if key in report:
+            value = fmt(report[key], 4 if key == "comet" else 2)
+            rows.append((label, value if report.get(f"{key}_error") is None else "n/a (see warning)"))
+    if "ppl" in report:
+        rows.append(("reference ppl", f"{report['ppl']:.3f} (nll {report['nll']:.4f}/token)"))
+    return rows
+
+
+def training_events(bar):
+    """A finetune / distill progress callback that advances ``bar`` and shows the loss and validation ppl."""
+    post = {}
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "start":
+            bar.update(event["step"] - bar.n)
+            return
+        if event["event"] == "step":
+            bar.update(1)
+            post["loss"] = f"{event['loss']:.3f}"
+        else:
+            post["val_ppl"] = f"{event['ppl']:.2f}"
+        bar.set_postfix(post, refresh=False)
+
+    return on_event
+
+
+def training_device(device: str, dtype: str) -> tuple[str, str]:
+    """auto device: cuda if present; auto dtype: bfloat16 on a GPU that has it, float32 otherwise."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
+
+def training_speed_options(command):
+    """--bf16 and --group-by-length, the switches finetune and distill share (see FinetuneConfig)."""
+    command = click.option(
+        "--group-by-length", is_flag=True,
+        help=f"Sort the examples of every {GROUP_STEPS} steps by length into micro-batches, dealt out to those "
+             "steps in a seeded random order: less padding, so faster steps.")(command)
+    return click.option(
+        "--bf16", is_flag=True,
+        help="Mixed precision: the forward and backward passes run under torch.autocast in bfloat16 while the "
+             "weights, the trained parameters and the optimizer stay in --dtype (CPUs with AVX-512 BF16 and "
+             "GPUs from Ampere on). Validation stays in --dtype.")(command)

@@ -1,0 +1,130 @@
+"""``almak distill``: recover a pruned or quantized checkpoint from its float teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from almak.cli.common import (
+    fmt,
+    peak_memory,
+    print_table,
+    progress_bar,
+    training_device,
+    training_events,
+    training_speed_options,
+)
+from almak.errors import AlmakError
+from almak.modeling.distill import PRUNED_LR, SCALES_LR, DistillConfig
+
+DISTILL_DEFAULTS = DistillConfig(steps=200)
+
+
+@click.command()
+@click.argument("student")
+@click.option("--teacher", required=True, help="The float model the student was compressed from (any model "
+                                               "reference: smollm2-135m, a folder, a hub id).")
+@click.option("--data", default=DISTILL_DEFAULTS.data, show_default=True,
+              help="Training pairs, as almak finetune --data takes them (alma, alma:de-en,en-de, or a file).")
+@click.option("--lang-pair", help="Direction of a .tsv --data file (as almak finetune).")
+@click.option("--valid", "valid", help="Validation pairs, written as --data [default: ALMA's bundled valid split of "
+                                       "the training directions].")
+@click.option("--valid-sentences", type=click.IntRange(min=0), default=DISTILL_DEFAULTS.valid_sentences,
+              show_default=True, help="Validation sentences in all, shared between the directions; 0: none.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=DISTILL_DEFAULTS.alpha, show_default=True,
+              help="Weight of the KD term (KL to the teacher at --temperature); 1 - alpha weighs the references' "
+                   "cross-entropy.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DISTILL_DEFAULTS.temperature,
+              show_default=True, help="Softmax temperature of both distributions in the KD term (scaled by T^2).")
+@click.option("--steps", type=click.IntRange(min=1), default=DISTILL_DEFAULTS.steps, show_default=True,
+              help="Optimizer steps.")
+@click.option("--lr", type=float, default=None,
+              help=f"Peak learning rate of everything that trains [default: {PRUNED_LR:g} for the kept weights of "
+                   f"pruned layers, {SCALES_LR:g} for the scales of quantized ones].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DISTILL_DEFAULTS.batch_size, show_default=True,
+              help="Sequences per forward pass (the teacher runs on the same batch).")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=DISTILL_DEFAULTS.grad_accum, show_default=True,
+              help="Forward passes per optimizer step.")
+@click.option("--max-len", type=click.IntRange(min=16), default=DISTILL_DEFAULTS.max_len, show_default=True,
+              help="Tokens per example, prompt and target; longer targets are cut.")
+@training_speed_options
+@click.option("--warmup", type=float, default=DISTILL_DEFAULTS.warmup, show_default=True,
+              help="Fraction of the steps over which the learning rate rises linearly.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=DISTILL_DEFAULTS.eval_every, show_default=True,
+              help="Steps between validations (also before the first and after the last step); 0: only those.")
+@click.option("--save-every", type=click.IntRange(min=0), default=DISTILL_DEFAULTS.save_every, show_default=True,
+              help="Steps between checkpoints in --out/checkpoint (for --resume); 0: none.")
+@click.option("--seed", type=int, default=DISTILL_DEFAULTS.seed, show_default=True, help="Seed of the example order.")
+@click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
+              help="Prompt family of the examples; guessed from the teacher's name when omitted.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...; auto: cuda if present.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
+              help="Dtype of both models; auto is float32 on CPU and bfloat16 on a GPU that has it.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Result: a checkpoint of the student's kind (quantized or pruned); during the run it holds the "
+                   "checkpoint and train_log.jsonl.")
+@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out (same settings).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, temperature, steps, lr, batch_size,
+            grad_accum, max_len, bf16, group_by_length, warmup, eval_every, save_every, seed, prompt_family, device,
+            dtype, out_dir, resume, overwrite):
+    """Recover a pruned or quantized STUDENT by distilling its float --teacher on parallel data.
+
+    STUDENT is an almak prune or almak quantize checkpoint. The loss on each reference token mixes the KL
+    divergence to the teacher's next-token distribution (at --temperature) with cross-entropy on the reference.
+    The student keeps its structure: pruned layers train their kept weights only (2:4 stays 2:4), quantized
+    layers keep their integer codes and train their scales; embeddings, norms and lm_head stay frozen. The
+    result is a checkpoint of the same kind: almak eval / translate / bench take it, and transformers
+    loads it as it loads the student.
+
+    \b
+    Examples:
+      almak distill runs/smollm-24 --teacher smollm2-135m --data alma:de-en --steps 90 --batch-size 8 \\
+          --grad-accum 1 --out runs/smollm-24-kd
+      almak distill runs/smollm-w4g64 --teacher smollm2-135m --data alma:de-en,en-de --out runs/smollm-w4-kd
+    """
+    import torch
+
+    from almak.eval.prompts import guess_family
+    from almak.modeling.checkpoint import is_compressed_checkpoint, is_gptq_checkpoint
+    from almak.modeling.distill import distill as run_distill
+    from almak.modeling.finetune import check_output, load_pairs
+    from almak.modeling.load import load_model
+
+    config = DistillConfig(data=data, lang_pair=lang_pair, valid=valid, valid_sentences=valid_sentences, alpha=alpha,
+                           temperature=temperature, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                           max_len=max_len, bf16=bf16, group_by_length=group_by_length, warmup=warmup,
+                           eval_every=eval_every, save_every=save_every, seed=seed)
+    out = Path(out_dir)
+    check_output(out, resume, overwrite)
+    if not Path(student).is_dir() or not ((Path(student) / "sparsity_report.json").is_file()
+                                          or is_compressed_checkpoint(student) or is_gptq_checkpoint(student)):
+        raise AlmakError(f"{student!r} is not an almak prune or almak quantize checkpoint folder")
+    if Path(student).resolve() == out.resolve():
+        raise AlmakError("--out must not be the student's own folder")
+    load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading models
+    device, dtype = training_device(device, dtype)
+    t = load_model(teacher, device=device, dtype=dtype)
+    s = load_model(student, device=device, dtype=dtype)
+    family = prompt_family or guess_family(t.ref, t.tokenizer)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with progress_bar("distill", config.steps, unit="step") as bar:
+        result = run_distill(s.model, t.model, s.tokenizer, family, config, out, student_ref=student,
+                             teacher_ref=t.ref, resume=resume, progress=training_events(bar), overwrite=overwrite)
+    r = result.summary
+    per_step = config.batch_size * config.grad_accum
+    print_table([
+        ("student / teacher", f"{student} / {t.ref}"),
+        ("trains", f"{r['trains']}; KD alpha {config.alpha:g} at T={config.temperature:g}, prompt {family}"),
+        ("data", f"{config.data}: {r['examples']} examples"),
+        ("steps", f"{r['steps']} x {per_step} examples ({r['epochs']:g} epochs)"),
+        ("train loss first / last", f"{fmt(r['train_loss_first'], 4)} / {fmt(r['train_loss_last'], 4)}"),
+        ("valid ppl before / after", f"{fmt(r['val_ppl_before'], 3)} / {fmt(r['val_ppl_after'], 3)}"
+         + (f" ({r['val_sentences']} sentences)" if r["val_sentences"] else " (no validation set)")),
+        ("trainable parameters", f"{r['trainable_parameters'] / 1e6:.2f}M of {r['parameters'] / 1e6:.1f}M"),
+        ("time", f"{r['seconds']:.1f} s"),
+        ("peak memory", peak_memory(device)),
+        ("written to", out_dir),
+    ])

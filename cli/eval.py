@@ -1,0 +1,97 @@
+"""``almak eval``: translate a test set and score it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+from almak.cli.common import (
+    fmt,
+    generation_options,
+    load,
+    metric_rows,
+    model_options,
+    print_table,
+    progress_bar,
+    quant_config,
+)
+
+
+@click.command(name="eval")
+@model_options
+@click.option("--testset", default="wmt22:de-en", show_default=True,
+              help="wmt22:{de,ru,zh}-en or en-{de,ru,zh} (bundled), or a file: ALMA JSON/JSONL "
+                   "('translation' records), course-project JSONL (langs/src/ref) or a .tsv of source<TAB>reference.")
+@click.option("--lang-pair", help="Direction (de-en) for files that do not name it.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N sentences.")
+@click.option("--metrics", default="bleu,chrf,nll", show_default=True,
+              help="Comma-separated: bleu, chrf, comet, nll (reference perplexity under the prompt; "
+                   "nll alone skips generation).")
+@click.option("--comet-model", default="Unbabel/wmt22-comet-da", show_default=True,
+              help="COMET model: hub name or a local folder with checkpoints/model.ckpt.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for hyps.txt and report.json (written when complete).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--format", "fmt_", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="json prints the whole report as one JSON object on stdout.")
+@generation_options
+def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, lang_pair, limit, metrics, comet_model, out_dir,
+             overwrite, fmt_, num_beams, max_new_tokens, batch_size, engine, cuda_graphs):
+    """Translate a test set with MODEL and score it: BLEU, chrF, COMET, reference perplexity, speed, size.
+
+    MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
+
+    \b
+    Example:
+      almak eval --testset wmt22:de-en --limit 100 --num-beams 1
+    """
+    from almak.eval.data import load_testset
+    from almak.eval.evaluate import EvalConfig, check_new_output, evaluate, write_eval_dir
+    from almak.eval.generate import GenerationConfig
+    from almak.eval.metrics import parse_metrics
+
+    config = EvalConfig(
+        metrics=tuple(parse_metrics(metrics)), comet_model=comet_model,
+        generation=GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    engine=engine, cuda_graphs=cuda_graphs),
+    )
+    ts = load_testset(testset, lang_pair).head(limit)
+    if out_dir:
+        check_new_output(Path(out_dir), overwrite)
+    qconfig = quant_config(quant, group_size)
+    lm, config.prompt = load(model, device, dtype, prompt_family, qconfig)
+    bars = []
+
+    def progress(stage, total):  # one bar per stage, the previous one closed first
+        for bar in bars:
+            bar.close()
+        bars.append(progress_bar(stage, total))
+        return bars[-1].update
+
+    try:
+        report, hyps = evaluate(lm.model, lm.tokenizer, ts, config, progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    report["model"] = lm.ref
+    if qconfig:
+        report["quant"] = {**dataclasses.asdict(qconfig), "method": "rtn-on-load"}
+    if out_dir:
+        write_eval_dir(Path(out_dir), report, hyps, overwrite)
+    if fmt_ == "json":
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    rows = [("model", lm.ref), ("test set", f"{ts.name} ({ts.lang_pair}, {len(ts.sources)} sentences)"),
+            ("prompt / beams", f"{config.prompt} / {num_beams}" if "sentences_per_s" in report else config.prompt)]
+    rows += metric_rows(report)
+    if "sentences_per_s" in report:
+        rows += [("sentences/s", fmt(report["sentences_per_s"])),
+                 ("generated tokens/s", fmt(report["generated_tokens_per_s"], 1))]
+    rows += [("peak memory", f"{report['peak_memory_bytes'] / 2**20:.0f} MiB ({report['peak_memory_kind']})"),
+             ("weight bytes", f"{report['weight_bytes'] / 2**20:.1f} MiB")]
+    if out_dir:
+        rows.append(("written to", out_dir))
+    print_table(rows)

@@ -1,0 +1,119 @@
+"""``almak prune``: magnitude, Wanda or SparseGPT, unstructured or N:M, written as a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from almak.cli.common import calibration_options, load_for_calibration, peak_memory, print_table, progress_bar
+from almak.errors import AlmakError
+from almak.modeling.prune import PruneRecipe
+
+# The CLI takes its defaults from the library's recipe.
+PRUNE_DEFAULTS = PruneRecipe()
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default=PRUNE_DEFAULTS.method,
+              show_default=True, help="magnitude: |W|, no data. wanda: |W| x input norm (Sun et al. 2023). "
+                                      "sparsegpt: OBS updates on the remaining weights (Frantar & Alistarh 2023).")
+@click.option("--sparsity", type=float, default=None,
+              help=f"Unstructured: fraction of each output row to prune [default: {PRUNE_DEFAULTS.sparsity}].")
+@click.option("--pattern", default=None, help="N:M semi-structured pattern instead, e.g. 2:4 (keep 2 of every 4 "
+                                              "along the input dimension; stored compressed, runs on the 2:4 kernel).")
+@click.option("--skip", multiple=True, help="Leave layers dense: a name, a dotted fragment on whole components "
+                                            "(layers.0, self_attn, mlp.down_proj) or a glob; repeat or comma-separate.")
+@click.option("--calib", default=PRUNE_DEFAULTS.calib, show_default=True,
+              help="wanda/sparsegpt calibration: alma, alma:de-en,en-de, a JSON/JSONL translation file or a text file.")
+@click.option("--nsamples", type=click.IntRange(min=1), default=PRUNE_DEFAULTS.nsamples, show_default=True)
+@click.option("--seqlen", type=click.IntRange(min=8), default=PRUNE_DEFAULTS.seqlen, show_default=True)
+@click.option("--seed", type=int, default=PRUNE_DEFAULTS.seed, show_default=True)
+@click.option("--damp", type=float, default=PRUNE_DEFAULTS.damp, show_default=True,
+              help="sparsegpt: dampening, as a fraction of the Hessian's mean diagonal.")
+@calibration_options
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint folder: 2:4 layers in compressed-tensors' sparse-24-bitmask layout, the rest dense.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed, damp, prompt_family, device, dtype,
+          out_dir, overwrite):
+    """Prune MODEL's decoder-layer projections to 50% (or --sparsity) or an N:M pattern; write a checkpoint.
+
+    2:4 checkpoints store the kept half of each 2:4 layer (compressed-tensors sparse-24-bitmask) and run on
+    almak's 2:4 kernel; almak quantize takes them for 2:4 + int4. Unstructured checkpoints are dense with
+    zeros. Both hold sparsity_report.json (per-layer sparsity) and almak_recipe.json.
+
+    \b
+    Examples:
+      almak prune --method sparsegpt --pattern 2:4 --skip self_attn --out smollm-24
+      almak prune --method wanda --sparsity 0.5 --out smollm-wanda50
+    """
+    import time
+
+    import torch
+
+    from almak.eval.evaluate import check_new_output
+    from almak.eval.prompts import guess_family
+    from almak.modeling.calibrate import decoder_layers
+    from almak.modeling.checkpoint import save_pruned, vllm_limits
+    from almak.modeling.load import weight_bytes
+    from almak.modeling.prune import PruneRecipe, prune_model
+    from almak.modeling.surgery import sparsify_
+
+    if pattern and sparsity is not None:
+        raise AlmakError("give --sparsity (unstructured) or --pattern (N:M), not both")
+    recipe = PruneRecipe(method=method, sparsity=PRUNE_DEFAULTS.sparsity if sparsity is None else sparsity,
+                         pattern=pattern, skip=skip, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                         damp=damp)
+    out = Path(out_dir)
+    check_new_output(out, overwrite)
+    lm, device = load_for_calibration(model, device, dtype)
+    if any(not isinstance(m, torch.nn.Linear) for n, m in lm.model.named_modules()
+           if n.rsplit(".", 1)[-1] in ("q_proj", "down_proj")):
+        raise AlmakError(f"{lm.ref} is already compressed; prune a float model (then almak quantize the result)")
+    family = prompt_family or guess_family(lm.ref, lm.tokenizer)
+    before = weight_bytes(lm.model)
+    start = time.perf_counter()
+    with progress_bar(method, len(decoder_layers(lm.model)), unit="layer") as bar:
+        report = prune_model(lm.model, lm.tokenizer, recipe, device=device, prompt_family=family, progress=bar.update)
+    seconds = time.perf_counter() - start
+    stored_24 = sparsify_(lm.model, names=report["pruned"]) if recipe.target().n == 2 and recipe.target().m == 4 else []
+    fields = {"command": "prune", **recipe.to_json(), "model": lm.ref,
+              "prompt": None if method == "magnitude" else family, "seconds": round(seconds, 1)}
+    save_pruned(lm.model, lm.tokenizer, out, fields, report, overwrite=overwrite)
+    after = weight_bytes(lm.model)
+    peak = peak_memory(device)
+    what = f"{method} {recipe.target()}" + ("" if method == "magnitude" else f", {nsamples} x <={seqlen} tokens of {calib}")
+    rows = [("model", lm.ref), ("method", what),
+            ("layers pruned", f"{len(report['pruned'])}" + (f" ({len(stored_24)} stored 2:4-compressed)" if stored_24 else "")),
+            ("layers kept dense", _skipped_summary(report["skipped"])),
+            ("sparsity", f"{report['pruned_sparsity']:.1%} of the pruned layers, {report['sparsity']:.1%} of all "
+                         "projections"),
+            ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB"
+             + ("" if stored_24 else " (unstructured: stored dense)")),
+            ("time", f"{seconds:.1f} s"), ("peak memory", peak)]
+    rows += _per_layer_rows(report["layers"])
+    if stored_24:
+        rows.append(("vLLM", "; ".join(vllm_limits(lm.model))))
+    rows.append(("written to", out_dir))
+    print_table(rows)
+
+
+def _skipped_summary(skipped: dict[str, str]) -> str:
+    if not skipped:
+        return "0; lm_head and embeddings stay"
+    reasons: dict[str, int] = {}
+    for reason in skipped.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return f"{len(skipped)} (" + ", ".join(f"{n} by {r}" for r, n in reasons.items()) + "); lm_head and embeddings stay"
+
+
+def _per_layer_rows(layers: dict[str, float]) -> list[tuple[str, str]]:
+    """One row per decoder layer: the sparsity of each projection."""
+    by_layer: dict[str, list[str]] = {}
+    for name, value in layers.items():
+        head, _, leaf = name.rpartition(".")
+        index = head.split("layers.", 1)[-1].split(".", 1)[0]
+        by_layer.setdefault(f"layer {index}", []).append(f"{leaf.removesuffix('_proj')} {value:.0%}")
+    return list((k, " ".join(v)) for k, v in by_layer.items())

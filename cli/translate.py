@@ -1,0 +1,63 @@
+"""``almak translate``: translate lines of text with a model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from almak.cli.common import generation_options, load, model_options, progress_bar, quant_config
+from almak.errors import AlmakError
+
+
+@click.command()
+@model_options
+@click.option("--src", required=True, help="Source language code (de, cs, is, zh, ru, en, ja, uk, fr, ...).")
+@click.option("--tgt", required=True, help="Target language code.")
+@click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False), default="-",
+              show_default=True, help="Source sentences, one per line ('-' is stdin).")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), default="-",
+              show_default=True, help="Translations, one per input line ('-' is stdout).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+@generation_options
+def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, input_path, output_path, overwrite,
+              num_beams, max_new_tokens, batch_size, engine, cuda_graphs):
+    """Translate lines from SRC to TGT with MODEL, one output line per input line.
+
+    MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
+
+    Empty lines stay empty. The output file is written only when all lines are done.
+
+    \b
+    Example:
+      echo "Die Ware hat unter 20 Euro gekostet." | almak translate --src de --tgt en
+    """
+    from almak.eval.data import read_lines
+    from almak.eval.evaluate import check_new_output
+    from almak.eval.generate import GenerationConfig
+    from almak.eval.generate import translate as run_translate
+    from almak.eval.prompts import Prompt, language_name
+    from almak.files import write_text_atomic
+
+    language_name(src), language_name(tgt)  # refuse unknown codes before anything is loaded
+    if output_path != "-":
+        check_new_output(Path(output_path), overwrite)
+    if input_path == "-":
+        lines = sys.stdin.read().split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if not lines:
+            raise AlmakError("no input lines on stdin")
+    else:
+        lines = read_lines(input_path, "input file")
+    gen = GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           engine=engine, cuda_graphs=cuda_graphs)
+    lm, family = load(model, device, dtype, prompt_family, quant_config(quant, group_size))
+    with progress_bar("translate", len(lines)) as bar:
+        result = run_translate(lm.model, lm.tokenizer, lines, Prompt(family, src, tgt), gen, bar.update)
+    text = "".join(h + "\n" for h in result.hypotheses)
+    if output_path == "-":
+        click.echo(text, nl=False)
+    else:
+        write_text_atomic(Path(output_path), text)
