@@ -10,8 +10,23 @@ import click
 
 from almak.cli.common import print_table, progress_bar
 from almak.errors import AlmakError
+from almak.eval.bench import (
+    SHAPE_VARIANTS,
+    BenchConfig,
+    device_name,
+    make_variant,
+    plot_decode_speedup,
+    plot_quality,
+    quality_metric,
+    random_model,
+    run_bench,
+    summarize,
+)
 from almak.eval.bench import SHAPES as BENCH_SHAPES
+from almak.eval.evaluate import check_new_output
 from almak.eval.generate import ENGINES
+from almak.files import write_dir_atomic
+from almak.modeling.load import DEFAULT_MODEL, load_model, resolve_dtype, weight_bytes
 
 
 @click.command()
@@ -62,19 +77,6 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
 
     import torch
 
-    from almak.eval.bench import (
-        BenchConfig,
-        device_name,
-        plot_decode_speedup,
-        plot_quality,
-        quality_metric,
-        random_model,
-        run_bench,
-        summarize,
-    )
-    from almak.eval.evaluate import check_new_output
-    from almak.files import write_dir_atomic
-    from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
@@ -103,8 +105,6 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
         raise AlmakError("--layers goes with --shape")
     loaded, info = {}, {}
     if shape:
-        from almak.eval.bench import SHAPE_VARIANTS, make_variant
-        from almak.modeling.load import resolve_dtype
 
         unknown = [m for m in models if m not in SHAPE_VARIANTS]
         if unknown:

@@ -7,8 +7,11 @@ import sys
 import click
 
 from almak.errors import AlmakError
-from almak.eval.generate import ENGINES
+from almak.eval.generate import ENGINES, GenerationConfig
+from almak.eval.prompts import guess_family
 from almak.modeling.finetune import GROUP_STEPS
+from almak.modeling.load import DEFAULT_MODEL, load_model
+from almak.modeling.surgery import QuantConfig, quantize_
 
 
 def progress_bar(desc: str, total: int, unit: str = "sent"):
@@ -53,7 +56,6 @@ def load_for_calibration(model, device: str, dtype: str):
     """(loaded model on the CPU, calibration device, prompt family) for quantize and prune."""
     import torch
 
-    from almak.modeling.load import DEFAULT_MODEL, load_model
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,8 +78,6 @@ def peak_memory(device: str) -> str:
 
 
 def generation_options(f):
-    from almak.eval.generate import GenerationConfig
-
     d = GenerationConfig()
     f = click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
                      help="Sentences per batch (left-padded).")(f)
@@ -97,7 +97,6 @@ def generation_options(f):
 
 def quant_config(quant: str | None, group_size: str | None):
     """The QuantConfig of --quant/--group-size, or None."""
-    from almak.modeling.surgery import QuantConfig
 
     if not quant:
         if group_size:
@@ -111,9 +110,6 @@ def load(model, device, dtype, prompt_family, qconfig=None):
     """Load MODEL, quantize it on the fly when asked, and settle the prompt family."""
     import torch
 
-    from almak.eval.prompts import guess_family
-    from almak.modeling.load import DEFAULT_MODEL, load_model
-    from almak.modeling.surgery import quantize_
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -16,7 +16,12 @@ from almak.cli.common import (
     training_speed_options,
 )
 from almak.errors import AlmakError
+from almak.eval.prompts import guess_family
+from almak.modeling.checkpoint import is_compressed_checkpoint, is_gptq_checkpoint
 from almak.modeling.distill import PRUNED_LR, SCALES_LR, DistillConfig
+from almak.modeling.distill import distill as run_distill
+from almak.modeling.finetune import check_output, load_pairs
+from almak.modeling.load import load_model
 
 DISTILL_DEFAULTS = DistillConfig(steps=200)
 
@@ -86,11 +91,6 @@ def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, te
     """
     import torch
 
-    from almak.eval.prompts import guess_family
-    from almak.modeling.checkpoint import is_compressed_checkpoint, is_gptq_checkpoint
-    from almak.modeling.distill import distill as run_distill
-    from almak.modeling.finetune import check_output, load_pairs
-    from almak.modeling.load import load_model
 
     config = DistillConfig(data=data, lang_pair=lang_pair, valid=valid, valid_sentences=valid_sentences, alpha=alpha,
                            temperature=temperature, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,

@@ -18,6 +18,10 @@ from almak.cli.common import (
     progress_bar,
     quant_config,
 )
+from almak.eval.data import load_testset
+from almak.eval.evaluate import EvalConfig, check_new_output, evaluate, write_eval_dir
+from almak.eval.generate import GenerationConfig
+from almak.eval.metrics import parse_metrics
 
 
 @click.command(name="eval")
@@ -48,10 +52,6 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, la
     Example:
       almak eval --testset wmt22:de-en --limit 100 --num-beams 1
     """
-    from almak.eval.data import load_testset
-    from almak.eval.evaluate import EvalConfig, check_new_output, evaluate, write_eval_dir
-    from almak.eval.generate import GenerationConfig
-    from almak.eval.metrics import parse_metrics
 
     config = EvalConfig(
         metrics=tuple(parse_metrics(metrics)), comet_model=comet_model,

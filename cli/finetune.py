@@ -16,7 +16,10 @@ from almak.cli.common import (
     training_speed_options,
 )
 from almak.errors import AlmakError
-from almak.modeling.finetune import FinetuneConfig
+from almak.eval.prompts import guess_family
+from almak.modeling.finetune import FinetuneConfig, check_output, load_pairs
+from almak.modeling.finetune import finetune as run_finetune
+from almak.modeling.load import DEFAULT_MODEL, load_model
 
 # The CLI takes finetune's defaults from the library's config.
 FINETUNE_DEFAULTS = FinetuneConfig()
@@ -90,10 +93,6 @@ def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lo
     """
     import torch
 
-    from almak.eval.prompts import guess_family
-    from almak.modeling.finetune import check_output, load_pairs
-    from almak.modeling.finetune import finetune as run_finetune
-    from almak.modeling.load import DEFAULT_MODEL, load_model
 
     if full and (lora_rank, lora_alpha, lora_dropout) != (None, None, None):
         raise AlmakError("--lora-rank, --lora-alpha and --lora-dropout configure LoRA; drop them with --full")

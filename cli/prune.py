@@ -8,7 +8,13 @@ import click
 
 from almak.cli.common import calibration_options, load_for_calibration, peak_memory, print_table, progress_bar
 from almak.errors import AlmakError
-from almak.modeling.prune import PruneRecipe
+from almak.eval.evaluate import check_new_output
+from almak.eval.prompts import guess_family
+from almak.modeling.calibrate import decoder_layers
+from almak.modeling.checkpoint import save_pruned, vllm_limits
+from almak.modeling.load import weight_bytes
+from almak.modeling.prune import PruneRecipe, prune_model
+from almak.modeling.surgery import sparsify_
 
 # The CLI takes its defaults from the library's recipe.
 PRUNE_DEFAULTS = PruneRecipe()
@@ -53,13 +59,6 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
 
     import torch
 
-    from almak.eval.evaluate import check_new_output
-    from almak.eval.prompts import guess_family
-    from almak.modeling.calibrate import decoder_layers
-    from almak.modeling.checkpoint import save_pruned, vllm_limits
-    from almak.modeling.load import weight_bytes
-    from almak.modeling.prune import PruneRecipe, prune_model
-    from almak.modeling.surgery import sparsify_
 
     if pattern and sparsity is not None:
         raise AlmakError("give --sparsity (unstructured) or --pattern (N:M), not both")

@@ -8,6 +8,12 @@ from pathlib import Path
 import click
 
 from almak.cli.common import calibration_options, load_for_calibration, peak_memory, print_table, progress_bar
+from almak.eval.evaluate import check_new_output
+from almak.eval.prompts import guess_family
+from almak.modeling.calibrate import decoder_layers
+from almak.modeling.checkpoint import read_recipe, save_quantized, vllm_limits
+from almak.modeling.load import weight_bytes
+from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, quantize_model, sparsify_
 
 
 @click.command()
@@ -57,12 +63,6 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     """
     import time
 
-    from almak.eval.evaluate import check_new_output
-    from almak.eval.prompts import guess_family
-    from almak.modeling.calibrate import decoder_layers
-    from almak.modeling.checkpoint import read_recipe, save_quantized, vllm_limits
-    from almak.modeling.load import weight_bytes
-    from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, quantize_model, sparsify_
 
     recipe = QuantizeRecipe(method=method, bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order,
                             damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,

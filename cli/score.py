@@ -8,6 +8,11 @@ import click
 
 from almak.cli.common import metric_rows, print_table
 from almak.errors import AlmakError
+from almak.eval.data import read_lines
+from almak.eval.evaluate import ScoreConfig
+from almak.eval.evaluate import score as run_score
+from almak.eval.metrics import parse_metrics
+from almak.eval.prompts import parse_lang_pair
 
 
 @click.command()
@@ -26,11 +31,6 @@ def score(src_path, hyp_path, ref_path, lang_pair, metrics, comet_model, fmt_):
     Example:
       almak score --src test.de --hyp hyps.en --ref test.en --lang-pair de-en
     """
-    from almak.eval.data import read_lines
-    from almak.eval.evaluate import ScoreConfig
-    from almak.eval.evaluate import score as run_score
-    from almak.eval.metrics import parse_metrics
-    from almak.eval.prompts import parse_lang_pair
 
     src, tgt = parse_lang_pair(lang_pair)
     names = parse_metrics(metrics)

@@ -9,6 +9,12 @@ import click
 
 from almak.cli.common import generation_options, load, model_options, progress_bar, quant_config
 from almak.errors import AlmakError
+from almak.eval.data import read_lines
+from almak.eval.evaluate import check_new_output
+from almak.eval.generate import GenerationConfig
+from almak.eval.generate import translate as run_translate
+from almak.eval.prompts import Prompt, language_name
+from almak.files import write_text_atomic
 
 
 @click.command()
@@ -33,12 +39,6 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
     Example:
       echo "Die Ware hat unter 20 Euro gekostet." | almak translate --src de --tgt en
     """
-    from almak.eval.data import read_lines
-    from almak.eval.evaluate import check_new_output
-    from almak.eval.generate import GenerationConfig
-    from almak.eval.generate import translate as run_translate
-    from almak.eval.prompts import Prompt, language_name
-    from almak.files import write_text_atomic
 
     language_name(src), language_name(tgt)  # refuse unknown codes before anything is loaded
     if output_path != "-":
