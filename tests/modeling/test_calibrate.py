@@ -89,3 +89,42 @@ def test_pass_without_compression_reproduces_the_model(tiny):
             h = out[0] if isinstance(out, tuple) else out
         ref = model(samples[0], output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(model.model.norm(h), ref, rtol=1e-5, atol=1e-5)  # same ops, same order
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["float", "compressed"])
+def test_each_layer_is_calibrated_on_its_inputs_in_the_model(tiny_llama_dir, compress):
+    """Layer i's linears are observed on the activations layer i gets in the model, its earlier layers already
+    compressed (GPTQ's sequential recipe): the pass must feed each layer the previous layer's outputs."""
+    lm = load_model(str(tiny_llama_dir), device="cpu")
+    model = lm.model
+    samples = calibration_samples(lm.tokenizer, "alma:de-en", nsamples=2, seqlen=32)
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    class Record:
+        def __init__(self):
+            self.batches = []
+
+        def add_batch(self, x):
+            self.batches.append(x.detach().clone())
+
+    def finish(index, layer, observers):
+        for i, x in enumerate(observers["self_attn.q_proj"].batches):
+            seen[index, i] = x
+        if compress:  # a stand-in for compression that changes what the layer passes on
+            with torch.no_grad():
+                layer.mlp.down_proj.weight.mul_(0.5)
+                layer.self_attn.o_proj.weight.mul_(-2.0)
+
+    run_layerwise(model, samples, lambda n, m: Record(), finish, lambda n, m: n == "self_attn.q_proj")
+    # The model as the pass left it, run whole: what each layer's q_proj reads.
+    expected = {}
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.q_proj.register_forward_hook(
+            lambda m, args, out, index=index: expected.setdefault(index, []).append(args[0].detach().clone()))
+    with torch.no_grad():
+        for sample in samples:
+            model(sample)
+    assert sorted(seen) == [(i, j) for i in range(len(model.model.layers)) for j in range(len(samples))]
+    for (index, i), x in seen.items():
+        torch.testing.assert_close(x, expected[index][i], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(seen[1, 0], seen[0, 0])  # layer 1 does not read what layer 0 reads

@@ -158,3 +158,35 @@ def test_resume_gives_the_uninterrupted_result(teacher, pairs_file, tmp_path):
                       config(pairs_file, **cfg), tmp_path / "cut", str(tmp_path / "w4"), "tiny", resume=True).model
     for (name, a), (_, b) in zip(target_linears(whole), target_linears(resumed)):
         assert torch.equal(a.weight_scale, b.weight_scale), name
+
+
+def test_kd_term_is_kl_of_teacher_to_student_at_temperature(teacher, pairs_file):
+    """With a student that differs from its teacher, kd_loss equals an independent computation of
+    (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T) over the target tokens, and depends on the teacher."""
+    ids, attn, labels = batch(teacher, pairs_file)
+    student = copy.deepcopy(teacher.model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.5 * p.std())
+        # The random model's logits are nearly flat; sharpen the student's so that it is far from the teacher
+        # and KL(teacher || student) != KL(student || teacher).
+        student.model.norm.weight.mul_(40)
+    T, alpha = 2.0, 0.7
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=attn).logits[:, :-1].double()
+        t = teacher.model(input_ids=ids, attention_mask=attn).logits[:, :-1].double()
+        target = labels[:, 1:]
+        keep = target != -100
+        s, t, target = s[keep], t[keep], target[keep]
+        ce = torch.nn.functional.cross_entropy(s, target, reduction="sum")
+        log_pt, log_ps = torch.log_softmax(t / T, -1), torch.log_softmax(s / T, -1)
+        kl = (log_pt.exp() * (log_pt - log_ps)).sum()
+        reverse = (log_ps.exp() * (log_ps - log_pt)).sum()
+        assert abs(float(reverse - kl)) > 0.05 * float(kl)  # so that a reversed KL cannot pass
+        expected = (1 - alpha) * ce + alpha * T * T * kl
+        got = kd_loss(teacher.model, alpha, T)(student, ids, attn, labels)
+        assert kl > 1.0  # the two models really differ
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-3)
+        # Another teacher (the student itself: KL 0) gives another loss.
+        assert float(kd_loss(student, alpha, T)(student, ids, attn, labels)) < 0.5 * float(got)
