@@ -10,13 +10,14 @@ weight-only kernels, which round x to bf16) on two 7B shapes at M in {1, 16}, fp
 dense fp32. The 2:4 sparse kernels (``sparse24``: fp16 kept values; ``sparse24_w4``: int4 kept values) run on
 LLaMA-2-7B shapes at M in {1, 16, 256}; their ``dequant`` provider is decompress + matmul. On the CPU they run
 only when asked (``--kernels sparse24``): their ``almak`` there is the auto path, that same decompress + matmul
-on every call, whereas almak's 2:4 layers expand the weight once and run the dense matmul. Each record holds the median time, the
-speedup over that dense baseline and over dequantize + matmul, and the achieved weight bandwidth: bytes of
-the weight as the provider reads it (packed codes + scales + zeros for quantized providers, kept values +
-meta for 2:4, the dense matrix for the dense baseline) over the median time. On an A100, H100 or H200 each
-almak record also carries what benchmarks/results/static-report.json PREDICTED for it (``predicted_ms``,
-``predicted_speedup``, ``predicted_config``), so that the measurement checks the static model. Measures and
-records; judges nothing.
+on every call, whereas almak's 2:4 layers expand the weight once and run the dense matmul. Each record
+holds the median time, the speedup over that dense baseline and over dequantize + matmul, and the achieved
+weight bandwidth: bytes of the weight as the provider reads it (packed codes + scales + zeros for quantized
+providers, kept values + meta for 2:4, the dense matrix for the dense baseline) over the median time. On an
+A100, H100 or H200 each almak record also carries what benchmarks/results/static-report.json PREDICTED for it
+(``predicted_ms``, ``predicted_speedup``, ``predicted_config``), so that the measurement checks the static
+model. Measures and records; judges only correctness: a timed result further than ``--max-rel-err`` from
+dequantize + matmul makes the run exit 1 (after writing its report), so that ``make gpu-check`` fails.
 
 The pytest-benchmark files beside this one (test_bench_*.py) run the same cases through pytest-benchmark.
 """
@@ -259,6 +260,9 @@ def main(argv=None) -> None:
                         help=f"comma-separated subset of {','.join(KERNELS)} (default: all on a GPU; on the CPU "
                              "the quantized ones only, since almak's 2:4 layers run a dense matmul there)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    parser.add_argument("--max-rel-err", type=float, default=1e-2,
+                        help="exit 1 (after writing the report) if a timed kernel's result is further than this from "
+                             "dequantize + matmul (max |diff| / max |ref|; fp16 kernels land near 1e-3)")
     args = parser.parse_args(argv)
     if w4a16.INTERPRET:
         parser.error("unset TRITON_INTERPRET: the benchmarks time real kernels, not the interpreter")
@@ -277,8 +281,14 @@ def main(argv=None) -> None:
         tmp.write_text(json.dumps(report, indent=1) + "\n")
         tmp.replace(out)
 
-    run(kernels, on_kernel=write)
+    report = run(kernels, on_kernel=write)
     print(f"wrote {out}", file=sys.stderr)
+    wrong = [r for r in report["results"] if r.get("rel_err", 0.0) > args.max_rel_err]
+    if wrong:
+        for r in wrong:
+            print(f"WRONG RESULT: {r['kernel']} {r['shape']} M={r['M']} {r['provider']}: rel_err {r['rel_err']:.3g} > "
+                  f"{args.max_rel_err:g}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

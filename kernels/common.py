@@ -241,6 +241,28 @@ class Launch:
         return self.out
 
 
+def run_config(launch: Launch, config) -> torch.Tensor:
+    """Run ``launch`` with one autotune ``config``, bypassing the autotuner (the tests check every config of
+    every kernel this way, on the GPU and under the interpreter); returns the output buffer."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    fn, heuristics = launch.kernel, {}
+    while isinstance(fn, (Autotuner, Heuristics)):
+        heuristics.update(getattr(fn, "values", None) or {})
+        fn = fn.fn
+    kwargs = dict(launch.kwargs, **config.kwargs)
+    named = dict(zip(fn.arg_names, launch.args), **kwargs)
+    for name, rule in heuristics.items():
+        kwargs[name] = rule(named)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    if "SPLIT_K" in kwargs:  # the decode path accumulates into its buffer with atomics
+        launch.out.zero_()
+    fn[launch.grid(kwargs)](*launch.args, **kwargs, **options)
+    return launch.out
+
+
 def dot_setup(x2: torch.Tensor) -> tuple[torch.Tensor, str]:
     """x as the kernels take it, and tl.dot's input precision.
 
