@@ -80,3 +80,65 @@ def test_make_variant_refuses_unknown():
     with pytest.raises(AlmakError, match="unknown variant 'int3'"):
         from almak.eval.bench import make_variant
         make_variant(torch.nn.Linear(4, 4), "int3")
+
+
+def test_speedups_are_the_model_over_the_baseline():
+    records = [dict(model="float", batch=1, decode_tok_s=100.0, prefill_tok_s=1000.0),
+               dict(model="int4", batch=1, decode_tok_s=250.0, prefill_tok_s=800.0),
+               dict(model="int4", batch=4, decode_tok_s=300.0, prefill_tok_s=900.0)]
+    out = summarize(records, baseline="float")
+    assert out[1]["decode_speedup"] == 2.5 and out[1]["prefill_speedup"] == 0.8
+    assert "decode_speedup" not in out[2]  # no baseline measured at batch 4
+
+
+def _reference_rtn(W: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Symmetric round-to-nearest as compressed-tensors defines it (step max|W| / (2**bits - 1) * 2, codes
+    clamped to [-2**(bits-1), 2**(bits-1) - 1]), written here independently of almak's quantizer."""
+    N, K = W.shape
+    g = K if group == -1 else group
+    Wg = torch.nn.functional.pad(W, (0, (-K) % g)).reshape(N, -1, g)
+    step = Wg.abs().amax(-1, keepdim=True) / (2**bits - 1) * 2
+    q = torch.clamp(torch.round(Wg / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return (q * step).reshape(N, -1)[:, :K]
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4", "2:4", "2:4-int4"])
+def test_variant_layers_hold_the_expected_weights(variant):
+    """Each projection of a variant holds what the variant says (int8 per channel, int4 group 128, the 2 largest
+    |w| of each group of 4) and computes close to its float layer: a wrong group size, doubled scales or a
+    wrong mask fail here."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from almak.eval.bench import make_variant
+    from almak.modeling.surgery import target_linears
+
+    torch.manual_seed(0)  # in_features 256 and 512: two and four groups of 128
+    config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4)
+    float_model = LlamaForCausalLM(config).eval()
+    model = make_variant(copy.deepcopy(float_model), variant)
+    x_gen = torch.Generator().manual_seed(1)
+    floats = dict(target_linears(float_model))
+    # Output error of a layer relative to its float layer: RTN int8 ~0.01, int4 g128 ~0.1, magnitude 2:4 ~0.4
+    # on Gaussian weights; a doubled scale gives >= 1.
+    bound = {"int8": 0.02, "int4": 0.15, "2:4": 0.5, "2:4-int4": 0.55}[variant]
+    for name, layer in target_linears(model):
+        W = floats[name].weight.detach()
+        if variant.startswith("2:4"):
+            keep = torch.zeros_like(W, dtype=torch.bool).reshape(W.shape[0], -1, 4)
+            keep.scatter_(-1, W.abs().reshape(W.shape[0], -1, 4).topk(2, dim=-1).indices, True)
+            W = W * keep.reshape(W.shape)
+        if variant == "int8":
+            expected = _reference_rtn(W, 8, -1)
+        elif variant.endswith("int4"):
+            expected = _reference_rtn(W, 4, 128) * (W != 0)  # 2:4 + int4 keeps the pruned weights at 0
+        else:
+            expected = W
+        got = layer.dense_weight() if variant == "2:4" else layer.dequantize()
+        torch.testing.assert_close(got.float(), expected, rtol=1e-3, atol=1e-6, msg=f"{variant} {name}")
+        x = torch.randn(8, W.shape[1], generator=x_gen)
+        with torch.no_grad():
+            ref, out = floats[name](x), layer(x)
+        assert (out - ref).norm() / ref.norm() < bound, f"{variant} {name}"
