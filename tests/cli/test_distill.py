@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from almak.cli.main import main
@@ -36,6 +37,19 @@ def test_distill_writes_a_2_to_4_checkpoint(tiny_llama_dir, student, tsv, tmp_pa
     result = invoke("eval", str(out), "--testset", str(tsv), "--lang-pair", "de-en", "--limit", "2", "--metrics", "nll",
                     "--device", "cpu")
     assert result.exit_code == 0, result.output
+    # Still 2:4, stored as such: the MLP projections the student had as 2:4 load as Sparse24Linear layers whose
+    # every group of 4 holds at most 2 non-zeros, and training moved their kept weights.
+    from almak.modeling.load import load_model
+    from almak.modeling.sparse_linear import Sparse24Linear
+
+    before = load_model(str(student), device="cpu").model
+    after = load_model(str(out), device="cpu").model
+    names = [n for n, m in before.named_modules() if isinstance(m, Sparse24Linear)]
+    assert names and all(isinstance(after.get_submodule(n), Sparse24Linear) for n in names)
+    for n in names:
+        W = after.get_submodule(n).dense_weight()
+        assert ((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), n
+    assert any(not torch.equal(after.get_submodule(n).values, before.get_submodule(n).values) for n in names)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,10 +25,22 @@ def test_lora_run_writes_an_adapter_that_translates(tiny_llama_dir, tsv, tmp_pat
     assert recipe["val_ppl_after"] < recipe["val_ppl_before"]
     assert (out / "adapter_config.json").is_file() and not (out / "checkpoint").exists()
 
-    result = invoke("translate", str(out), "--src", "de", "--tgt", "en", "--num-beams", "1", "--max-new-tokens", "4",
-                    "--device", "cpu", input="Hallo Welt\n")
+    sources = ["Hallo Welt", "Das Haus ist klein.", "Ich habe heute keine Zeit."]
+    result = invoke("translate", str(out), "--src", "de", "--tgt", "en", "--num-beams", "1", "--max-new-tokens", "8",
+                    "--device", "cpu", input="".join(s + "\n" for s in sources))
     assert result.exit_code == 0, result.output
-    assert len(result.stdout.split("\n")) == 2
+    # The translations are the adapted model's, which the base model's are not.
+    from almak.eval.generate import GenerationConfig, translate
+    from almak.eval.prompts import Prompt
+    from almak.modeling.load import load_model
+
+    config = GenerationConfig(num_beams=1, max_new_tokens=8)
+    prompt = Prompt("alma", "de", "en")
+    lm, base_lm = load_model(str(out), device="cpu"), load_model(str(tiny_llama_dir), device="cpu")
+    adapted = translate(lm.model, lm.tokenizer, sources, prompt, config).hypotheses
+    base = translate(base_lm.model, base_lm.tokenizer, sources, prompt, config).hypotheses
+    assert adapted != base
+    assert result.stdout.splitlines() == adapted
 
 
 @pytest.mark.parametrize("args, message", [

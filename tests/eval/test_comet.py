@@ -173,3 +173,21 @@ def test_score_missing_comet_model_warns(text_files, tmp_path, caplog):
     table = _invoke(_score_args(text_files, "bleu,comet", missing, fmt="table"))
     assert table.exit_code == 0, _explain(table)
     assert "n/a (see warning)" in table.stdout and "BLEU" in table.stdout
+
+
+def test_comet_gets_source_hypothesis_and_reference_in_their_roles(comet_root, text_files):
+    """almak's COMET score is what COMET itself gives the (src, mt, ref) triplets, and not what it gives the same
+    sentences in swapped roles (which the tiny model scores differently)."""
+    from comet import load_from_checkpoint
+
+    scorer = load_from_checkpoint(str(comet_root / "checkpoints" / "model.ckpt"))
+
+    def direct(src, mt, ref) -> float:
+        data = [{"src": s, "mt": m, "ref": r} for s, m, r in zip(src, mt, ref)]
+        return float(scorer.predict(data, batch_size=8, gpus=0, progress_bar=False).system_score)
+
+    right = direct(SOURCES, HYPS, REFS)
+    for swapped in (direct(SOURCES, REFS, HYPS), direct(REFS, HYPS, SOURCES), direct(HYPS, SOURCES, REFS)):
+        assert abs(swapped - right) > 1e-5, "the tiny model cannot tell the roles apart; the test proves nothing"
+    report = _report(_invoke(_score_args(text_files, "comet", str(comet_root))))
+    assert report["comet"] == pytest.approx(right, abs=1e-6)
