@@ -59,3 +59,34 @@ def tsv(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "pairs.tsv"
     path.write_text("".join(f"{s}\t{r}\n" for s, r in zip(ts.sources, ts.references)), encoding="utf-8")
     return path
+
+
+def _reference_rtn(W, bits: int, group_size: int, sym: bool = True):
+    """Round-to-nearest fake quantization as compressed-tensors defines it, written here independently of
+    almak's quantizer (quant/pack.py) so that tests can check it: symmetric steps max|W| / (2**bits - 1) * 2 with
+    codes in [-2**(bits-1), 2**(bits-1) - 1]; asymmetric steps over [min(W, 0), max(W, 0)] in 2**bits - 1 steps
+    with zero round(-min / step) and codes in [0, 2**bits - 1]. Returns the dequantized weight, computed in
+    float32 as quantizers do (float64 would round a few weights that sit on .5 the other way)."""
+    import torch
+
+    W = W.detach().float()
+    N, K = W.shape
+    g = K if group_size == -1 else group_size
+    Wg = torch.nn.functional.pad(W, (0, (-K) % g)).reshape(N, -1, g)
+    if sym:
+        step = Wg.abs().amax(-1, keepdim=True) / (2**bits - 1) * 2
+        q = torch.clamp(torch.round(Wg / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        out = q * step
+    else:
+        lo, hi = Wg.amin(-1, keepdim=True).clamp(max=0), Wg.amax(-1, keepdim=True).clamp(min=0)
+        step = (hi - lo) / (2**bits - 1)
+        zero = torch.clamp(-torch.round(lo / step), 0, 2**bits - 1)
+        q = torch.clamp(torch.round(Wg / step) + zero, 0, 2**bits - 1)
+        out = (q - zero) * step
+    return out.reshape(N, -1)[:, :K]
+
+
+@pytest.fixture(scope="session")
+def reference_rtn():
+    """The test suite's own RTN (see _reference_rtn), as a function."""
+    return _reference_rtn

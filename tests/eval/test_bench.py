@@ -91,19 +91,8 @@ def test_speedups_are_the_model_over_the_baseline():
     assert "decode_speedup" not in out[2]  # no baseline measured at batch 4
 
 
-def _reference_rtn(W: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Symmetric round-to-nearest as compressed-tensors defines it (step max|W| / (2**bits - 1) * 2, codes
-    clamped to [-2**(bits-1), 2**(bits-1) - 1]), written here independently of almak's quantizer."""
-    N, K = W.shape
-    g = K if group == -1 else group
-    Wg = torch.nn.functional.pad(W, (0, (-K) % g)).reshape(N, -1, g)
-    step = Wg.abs().amax(-1, keepdim=True) / (2**bits - 1) * 2
-    q = torch.clamp(torch.round(Wg / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    return (q * step).reshape(N, -1)[:, :K]
-
-
 @pytest.mark.parametrize("variant", ["int8", "int4", "2:4", "2:4-int4"])
-def test_variant_layers_hold_the_expected_weights(variant):
+def test_variant_layers_hold_the_expected_weights(variant, reference_rtn):
     """Each projection of a variant holds what the variant says (int8 per channel, int4 group 128, the 2 largest
     |w| of each group of 4) and computes close to its float layer: a wrong group size, doubled scales or a
     wrong mask fail here."""
@@ -131,9 +120,9 @@ def test_variant_layers_hold_the_expected_weights(variant):
             keep.scatter_(-1, W.abs().reshape(W.shape[0], -1, 4).topk(2, dim=-1).indices, True)
             W = W * keep.reshape(W.shape)
         if variant == "int8":
-            expected = _reference_rtn(W, 8, -1)
+            expected = reference_rtn(W, 8, -1).float()
         elif variant.endswith("int4"):
-            expected = _reference_rtn(W, 4, 128) * (W != 0)  # 2:4 + int4 keeps the pruned weights at 0
+            expected = reference_rtn(W, 4, 128).float() * (W != 0)  # 2:4 + int4 keeps the pruned weights at 0
         else:
             expected = W
         got = layer.dense_weight() if variant == "2:4" else layer.dequantize()

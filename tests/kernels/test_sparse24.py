@@ -119,18 +119,40 @@ def test_w4_matches_reference(M, shape, group_size, dtype):
     torch.testing.assert_close(y, ref, **tolerance(dtype))
 
 
+def independent_dense(kept, meta, K):
+    """Dense W (float64) from kept values (N, K // 2) and meta, placed with numpy: group i's nibble is bits
+    4 (i % 8).. of word i // 8, its low 2 bits the first kept position, its high 2 bits the second (not
+    decompress_24, which the reference and the dense path share)."""
+    words = meta.cpu().numpy().view(np.uint32)
+    groups = np.arange(K // 4)
+    nib = (words[:, groups // 8] >> (4 * (groups % 8))) & 0xF
+    W = np.zeros((kept.shape[0], K))
+    rows = np.arange(kept.shape[0])[:, None]
+    W[rows, 4 * groups + (nib & 3)] = kept[:, 0::2]
+    W[rows, 4 * groups + (nib >> 2)] = kept[:, 1::2]
+    return torch.from_numpy(W)
+
+
 @needs_triton
 @pytest.mark.parametrize("M,path", [(1, "prefill"), (16, "prefill"), (33, "decode"), (7, "dense")])
-def test_forced_path_matches_reference(M, path):
+def test_forced_path_matches_an_independent_product(M, path):
     # Each path on the M range the auto dispatch does not give it, on the ragged embedded-model layer.
-    values, meta = make_sparse(192, 576)
-    qvalues, qmeta, scales, zeros = make_sparse_w4(192, 576, 128)
-    x = make_x((M, 576), torch.float32)
+    K = 576
+    values, meta = make_sparse(192, K)
+    qvalues, qmeta, scales, zeros = make_sparse_w4(192, K, 128)
+    x = make_x((M, K), torch.float32)
     y = sparse24_matmul(x, values, meta, path=path)
-    torch.testing.assert_close(y, sparse24_reference(x, values, meta), **tolerance(torch.float32))
+    W = independent_dense(values.cpu().double().numpy(), meta, K)
+    torch.testing.assert_close(y.cpu().double(), x.cpu().double() @ W.T, **tolerance(torch.float32))
+    # int4 kept values: codes as numpy nibbles, each scaled by the group of its dense column.
+    words = qvalues.cpu().numpy().view(np.uint32)
+    codes = np.stack([(words >> (4 * j)) & 0xF for j in range(8)], axis=-1).reshape(words.shape[0], -1)
+    W = independent_dense(codes.astype(np.float64), qmeta, K)
+    g = np.arange(K) // 128
+    kept = independent_dense(np.ones_like(codes, dtype=np.float64), qmeta, K).bool()
+    W = torch.where(kept, (W - zeros.cpu().double()[:, g]) * scales.cpu().double()[:, g], 0.0)
     y = sparse24_w4a16_matmul(x, qvalues, qmeta, scales, zeros, 128, path=path)
-    ref = sparse24_w4a16_reference(x, qvalues, qmeta, scales, zeros, 128)
-    torch.testing.assert_close(y, ref, **tolerance(torch.float32))
+    torch.testing.assert_close(y.cpu().double(), x.cpu().double() @ W.T, **tolerance(torch.float32))
 
 
 @needs_triton

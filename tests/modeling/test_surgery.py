@@ -23,7 +23,7 @@ def batch(smollm):
     (QuantConfig(bits=8, group_size=-1), 0.999),  # int8: logits nearly unchanged
     (QuantConfig(bits=4, group_size=64), 0.85),  # int4 RTN on a 135M model is damaged: 0.89 measured
 ])
-def test_embedded_model(smollm, batch, caplog, config, min_cos):
+def test_embedded_model(smollm, batch, caplog, config, min_cos, reference_rtn):
     model = copy.deepcopy(smollm.model)
     with torch.no_grad():
         float_logits = model(batch).logits
@@ -33,14 +33,12 @@ def test_embedded_model(smollm, batch, caplog, config, min_cos):
     assert "quantized 210/210 linears" in caplog.text and "kept lm_head" in caplog.text
     assert not isinstance(model.lm_head, QuantLinear) and isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
 
-    # The reference: the same model with every QuantLinear replaced by a float Linear of its dequantized weight.
-    ref = copy.deepcopy(model)
+    # The reference: the float model with every projection's weight replaced by what the suite's own RTN makes of it
+    # (independent of almak's quantizer and of QuantLinear).
+    ref = copy.deepcopy(smollm.model)
     for name, module in list(ref.named_modules()):
-        if isinstance(module, QuantLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=False)
-            linear.weight.data = module.dequantize(torch.float32)
-            parent, _, leaf = name.rpartition(".")
-            setattr(ref.get_submodule(parent), leaf, linear)
+        if isinstance(model.get_submodule(name), QuantLinear):
+            module.weight.data = reference_rtn(module.weight, config.bits, config.group_size).float()
     with torch.no_grad():
         q_logits, ref_logits = model(batch).logits, ref(batch).logits
     # A 30-token prompt is above CPU_NATIVE_MAX_M: the dense path on the dequantized weight, equal up to fp32 rounding.
