@@ -65,7 +65,8 @@ def test_skip_matching():
 
 
 def test_calibration_aware_pruning_beats_magnitude(tiny):
-    """On the calibration prompts, Wanda's and SparseGPT's logits stay closer to the float model's."""
+    """On the calibration prompts, Wanda's logits stay closer to the float model's than magnitude's, and
+    SparseGPT's closer still."""
     samples = calibration_samples(tiny.tokenizer, "alma", **FAST)
     err = {}
     with torch.no_grad():
@@ -73,7 +74,9 @@ def test_calibration_aware_pruning_beats_magnitude(tiny):
         for method in ("magnitude", "wanda", "sparsegpt"):
             model, _ = pruned(tiny, method=method, pattern="2:4")
             err[method] = sum(float((model(s).logits - r).pow(2).sum()) for s, r in zip(samples, ref))
-    assert err["sparsegpt"] < err["magnitude"] and err["wanda"] < err["magnitude"], err
+    # Measured 5.6e4 < 1.9e5 < 2.4e5: Wanda's input-aware mask beats magnitude, and SparseGPT's weight update on
+    # top of its mask beats a mask alone by far more than noise (a SparseGPT that only masks lands near Wanda).
+    assert err["sparsegpt"] < 0.6 * err["wanda"] and err["wanda"] < 0.95 * err["magnitude"], err
 
 
 @pytest.mark.parametrize("kw, message", [
