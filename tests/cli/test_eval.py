@@ -2,9 +2,12 @@
 import json
 import math
 
+import pytest
+import sacrebleu
 from click.testing import CliRunner
 
 from almak.cli.main import main
+from almak.eval.data import load_testset
 
 FAST = ["--limit", "3", "--num-beams", "1", "--max-new-tokens", "24", "--device", "cpu"]
 
@@ -21,8 +24,16 @@ def test_json_report_and_out_dir(tmp_path):
     assert 0 <= report["chrf"] <= 100 and math.isfinite(report["ppl"]) and report["ppl"] > 1
     assert report["n"] == 3 and report["model"] == "smollm2-135m"
     assert report["weight_bytes"] > 100e6  # 135M parameters in fp32, tied embeddings counted once
-    assert len((out / "hyps.txt").read_text(encoding="utf-8").splitlines()) == 3
+    hyps = (out / "hyps.txt").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == 3
     assert json.loads((out / "report.json").read_text(encoding="utf-8"))["chrf"] == report["chrf"]
+
+    # The scores are of these hypotheses against the test set's first three references, recomputed here with
+    # sacrebleu directly (13a tokenization for English, chrF defaults), not a copy of what eval computed.
+    refs = load_testset("wmt22:de-en").head(3).references
+    assert report["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs], tokenize="13a").score, abs=0.01)
+    assert report["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=0.01)
+    assert "tok:13a" in report["bleu_signature"] and report["chrf"] > 0
 
     again = CliRunner().invoke(main, ["eval", *FAST, "--out", str(out)])
     assert again.exit_code == 1 and "pass --overwrite" in again.output
