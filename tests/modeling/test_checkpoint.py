@@ -1,18 +1,22 @@
 """Quantized checkpoints: almak's round trip, transformers + compressed-tensors reading almak's folders, almak
 reading compressed-tensors' and GPTQ folders, and the refusals."""
 import copy
+import importlib.util
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 from almak.errors import AlmakError
 from almak.modeling import checkpoint
 from almak.modeling.checkpoint import (is_compressed_checkpoint, is_gptq_checkpoint, load_quantized, pack_rows,
                                        read_recipe, save_quantized, unpack_rows)
 from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.surgery import QuantConfig, quantize_
+from almak.modeling.surgery import QuantConfig, quantize_, set_module
 
 RECIPE = {"method": "rtn", "bits": 4, "group_size": 32, "calibration": None}
 # 24 tokens: above QuantLinear's decode size, so its CPU forward is dequantize + F.linear in fp32 (the decode
@@ -272,20 +276,23 @@ def autogptq_pack(layer: QuantLinear) -> dict[str, torch.Tensor]:
 
 
 def write_gptq(model, tokenizer, folder, bits, group_size, sym, config_in="config.json"):
+    packed = {name: autogptq_pack(module) for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    write_gptq_folder(model, tokenizer, folder, packed, {"bits": bits, "group_size": group_size, "desc_act": False,
+                                                          "sym": sym}, config_in)
+
+
+def write_gptq_folder(model, tokenizer, folder, packed, qc, config_in="config.json"):
+    """A GPTQ folder: the ``packed`` layers' tensors, the rest of ``model``'s state, and the quantization config in
+    config.json (as transformers' GPTQ integration writes it) or in quantize_config.json (older AutoGPTQ)."""
     from safetensors.torch import save_file
 
     folder.mkdir()
-    tensors = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            tensors.update({f"{name}.{k}": v for k, v in autogptq_pack(module).items()})
-    state = model.state_dict()
-    tensors.update({k: v for k, v in state.items() if k.rpartition(".")[0] not in
-                    {n for n, m in model.named_modules() if isinstance(m, QuantLinear)} and k != "lm_head.weight"})
+    tensors = {f"{name}.{k}": v for name, layer in packed.items() for k, v in layer.items()}
+    tensors.update({k: v for k, v in model.state_dict().items()
+                    if k.rpartition(".")[0] not in packed and k != "lm_head.weight"})
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     model.config.save_pretrained(folder)
-    qc = {"bits": bits, "group_size": group_size, "desc_act": False, "sym": sym, "damp_percent": 0.01,
-          "static_groups": False, "true_sequential": True}
+    qc = {**qc, "damp_percent": 0.01, "static_groups": False, "true_sequential": True}
     if config_in == "config.json":
         config = json.loads((folder / "config.json").read_text())
         config["quantization_config"] = {"quant_method": "gptq", **qc}
@@ -403,6 +410,81 @@ def test_reads_compressed_tensors_actorder_group(tiny, tmp_path):
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AlmakError, match="actorder 'group' but has no weight_g_idx"):
         load_quantized(out)
+
+
+AUTOGPTQ_QLINEAR = Path(sys.prefix, "share", "auto-gptq-0.7.1", "qlinear_cuda.py")
+
+
+def autogptq_quant_linear():
+    """AutoGPTQ 0.7.1's QuantLinear (nn_modules/qlinear/qlinear_cuda.py), the module its GPTQ v1 checkpoints are
+    packed with; its CPU forward unpacks them with torch. `make test` takes the file from AutoGPTQ's wheel (the
+    package itself needs CUDA extensions, accelerate, peft and more; this module only torch, numpy, transformers)."""
+    if not AUTOGPTQ_QLINEAR.is_file():
+        pytest.fail(f"{AUTOGPTQ_QLINEAR} is missing: `make test` fetches it (see fetch_autogptq in the Makefile)")
+    spec = importlib.util.spec_from_file_location("autogptq_qlinear_cuda", AUTOGPTQ_QLINEAR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.QuantLinear
+
+
+def autogptq_layer(quant_linear, linear, bits, group_size, sym, g_idx):
+    """``linear`` quantized per group as GPTQ's quantizer sets its grid (min/max, fp16 scales; sym: the zero at
+    2**(bits-1)) and packed by AutoGPTQ's own ``pack``. As GPTQ does, the Linear handed to ``pack`` holds the
+    weights already on the grid, and ``g_idx`` gives each input column's group (a permuted one for desc_act)."""
+    W = linear.weight.detach()
+    N, K = W.shape
+    maxq, G = 2**bits - 1, int(g_idx.max()) + 1
+    scales, zeros = torch.empty(N, G), torch.empty(N, G)
+    for g in range(G):
+        cols = W[:, g_idx == g]
+        lo, hi = cols.amin(1).clamp(max=0), cols.amax(1).clamp(min=0)
+        if sym:
+            hi = torch.maximum(-lo, hi)
+            lo = -hi
+        scales[:, g] = ((hi - lo) / maxq).half().float()
+        zeros[:, g] = (maxq + 1) / 2 if sym else torch.round(-lo / scales[:, g])
+    assert (zeros > 0).all()  # AutoGPTQ's v1 packing cannot store a zero of 0 (zero - 1 = -1 fills the word)
+    S, Z = scales[:, g_idx], zeros[:, g_idx]
+    on_grid = nn.Linear(K, N, bias=False)
+    on_grid.weight.data = (torch.clamp(torch.round(W / S) + Z, 0, maxq) - Z) * S
+    layer = quant_linear(bits, group_size, K, N, False)
+    layer.pack(on_grid, scales, zeros, g_idx.to(torch.int32))
+    return layer
+
+
+@pytest.mark.parametrize("bits,group_size,sym,act_order", [(4, 32, False, False), (4, 32, True, False),
+                                                             (4, 32, False, True), (8, -1, True, False),
+                                                             (8, 32, False, True)])
+def test_reads_checkpoint_packed_by_autogptq(tiny, tmp_path, bits, group_size, sym, act_order):
+    """A folder AutoGPTQ's own pack wrote loads into layers whose weights are those AutoGPTQ's own reader unpacks
+    (its CPU forward on the identity), so a misreading the suite's packer above shares with almak is caught."""
+    quant_linear = autogptq_quant_linear()
+    model = copy.deepcopy(tiny.model)
+    perm = torch.Generator().manual_seed(1)
+    theirs = {}
+    for name, linear in list(model.named_modules()):
+        if isinstance(linear, nn.Linear) and ".layers." in name:
+            K = linear.in_features
+            g_idx = torch.arange(K) // (K if group_size == -1 else group_size)
+            if act_order:  # desc_act: columns of a group scattered over the input
+                g_idx = g_idx[torch.randperm(K, generator=perm)]
+            theirs[name] = autogptq_layer(quant_linear, linear, bits, group_size, sym, g_idx)
+    packed = {name: {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales.half(),
+                     "g_idx": layer.g_idx} for name, layer in theirs.items()}
+    write_gptq_folder(model, tiny.tokenizer, tmp_path / "gptq", packed,
+                      {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym})
+    loaded, _ = load_quantized(tmp_path / "gptq")
+
+    with torch.no_grad():
+        for name, layer in theirs.items():
+            want = layer(torch.eye(layer.infeatures)).T  # AutoGPTQ's dequantized weight, (N, K)
+            got = loaded.get_submodule(name)
+            assert isinstance(got, QuantLinear) and (got.bits, got.sym) == (bits, sym)
+            assert (got.input_perm is not None) == act_order, name
+            torch.testing.assert_close(got.dequantize(torch.float32), want, rtol=0, atol=0, msg=name)
+        for name, layer in theirs.items():  # the model run on AutoGPTQ's layers
+            set_module(model, name, layer)
+        torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
 
 
 def test_gptq_g_idx_that_splits_groups_is_refused(tiny, tmp_path):
