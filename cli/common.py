@@ -9,6 +9,7 @@ import click
 from almak.errors import AlmakError
 from almak.eval.generate import ENGINES, GenerationConfig
 from almak.eval.prompts import guess_family
+from almak.modeling.checkpoint import SPARSE_FORMATS
 from almak.modeling.finetune import GROUP_STEPS
 from almak.modeling.load import DEFAULT_MODEL, load_model
 from almak.modeling.surgery import QuantConfig, quantize_
@@ -36,6 +37,16 @@ def model_options(f):
                      help="Quantize the decoder-layer projections at load time (round to nearest, symmetric).")(f)
     f = click.argument("model", required=False)(f)
     return f
+
+
+def sparse_format_option(f):
+    """--sparse-format: how the checkpoint stores 2:4 layers (quantize and prune)."""
+    return click.option(
+        "--sparse-format", type=click.Choice(list(SPARSE_FORMATS)), default="dense", show_default=True,
+        help="How 2:4 layers are stored. dense: full weights with their zeros, the layers named in config.json's "
+             "almak_sparsity (almak runs them on its 2:4 kernels; transformers with any compressed-tensors and "
+             "vLLM load them as dense layers). sparse-24-bitmask: compressed-tensors' compressed layout (half the "
+             "bytes for float 2:4 layers), read only by compressed-tensors <= 0.14 and refused by current vLLM.")(f)
 
 
 def calibration_options(f):

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from almak.cli.common import calibration_options, load_for_calibration, peak_memory, print_table, progress_bar
+from almak.cli.common import (
+    calibration_options,
+    load_for_calibration,
+    peak_memory,
+    print_table,
+    progress_bar,
+    sparse_format_option,
+)
 from almak.errors import AlmakError
 from almak.eval.evaluate import check_new_output
 from almak.eval.prompts import guess_family
@@ -28,7 +35,7 @@ PRUNE_DEFAULTS = PruneRecipe()
 @click.option("--sparsity", type=float, default=None,
               help=f"Unstructured: fraction of each output row to prune [default: {PRUNE_DEFAULTS.sparsity}].")
 @click.option("--pattern", default=None, help="N:M semi-structured pattern instead, e.g. 2:4 (keep 2 of every 4 "
-                                              "along the input dimension; stored compressed, runs on the 2:4 kernel).")
+                                              "along the input dimension; runs on almak's 2:4 kernel).")
 @click.option("--skip", multiple=True, help="Leave layers dense: a name, a dotted fragment on whole components "
                                             "(layers.0, self_attn, mlp.down_proj) or a glob; repeat or comma-separate.")
 @click.option("--calib", default=PRUNE_DEFAULTS.calib, show_default=True,
@@ -39,16 +46,18 @@ PRUNE_DEFAULTS = PruneRecipe()
 @click.option("--damp", type=float, default=PRUNE_DEFAULTS.damp, show_default=True,
               help="sparsegpt: dampening, as a fraction of the Hessian's mean diagonal.")
 @calibration_options
+@sparse_format_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Checkpoint folder: 2:4 layers in compressed-tensors' sparse-24-bitmask layout, the rest dense.")
+              help="Checkpoint folder (safetensors; see --sparse-format for 2:4 layers).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed, damp, prompt_family, device, dtype,
-          out_dir, overwrite):
+          sparse_format, out_dir, overwrite):
     """Prune MODEL's decoder-layer projections to 50% (or --sparsity) or an N:M pattern; write a checkpoint.
 
-    2:4 checkpoints store the kept half of each 2:4 layer (compressed-tensors sparse-24-bitmask) and run on
-    almak's 2:4 kernel; almak quantize takes them for 2:4 + int4. Unstructured checkpoints are dense with
-    zeros. Both hold sparsity_report.json (per-layer sparsity) and almak_recipe.json.
+    2:4 checkpoints load back into almak's 2:4 layers (its 2:4 kernel); by default they are stored dense, named
+    2:4 in config.json, so that transformers and vLLM load them too (as dense models). almak quantize takes
+    them for 2:4 + int4. Unstructured checkpoints are dense with zeros. Both hold sparsity_report.json
+    (per-layer sparsity) and almak_recipe.json.
 
     \b
     Examples:
@@ -80,21 +89,22 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
     stored_24 = sparsify_(lm.model, names=report["pruned"]) if recipe.target().n == 2 and recipe.target().m == 4 else []
     fields = {"command": "prune", **recipe.to_json(), "model": lm.ref,
               "prompt": None if method == "magnitude" else family, "seconds": round(seconds, 1)}
-    save_pruned(lm.model, lm.tokenizer, out, fields, report, overwrite=overwrite)
+    save_pruned(lm.model, lm.tokenizer, out, fields, report, overwrite=overwrite, sparse_format=sparse_format)
     after = weight_bytes(lm.model)
     peak = peak_memory(device)
     what = f"{method} {recipe.target()}" + ("" if method == "magnitude" else f", {nsamples} x <={seqlen} tokens of {calib}")
     rows = [("model", lm.ref), ("method", what),
-            ("layers pruned", f"{len(report['pruned'])}" + (f" ({len(stored_24)} stored 2:4-compressed)" if stored_24 else "")),
+            ("layers pruned", f"{len(report['pruned'])}" + (f" ({len(stored_24)} of them 2:4 layers)" if stored_24 else "")),
             ("layers kept dense", _skipped_summary(report["skipped"])),
             ("sparsity", f"{report['pruned_sparsity']:.1%} of the pruned layers, {report['sparsity']:.1%} of all "
                          "projections"),
-            ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB"
-             + ("" if stored_24 else " (unstructured: stored dense)")),
+            ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB in memory"
+             + ("" if stored_24 and sparse_format != "dense" else
+                " (stored dense)" if stored_24 else " (unstructured: stored dense)")),
             ("time", f"{seconds:.1f} s"), ("peak memory", peak)]
     rows += _per_layer_rows(report["layers"])
     if stored_24:
-        rows.append(("vLLM", "; ".join(vllm_limits(lm.model))))
+        rows.append(("vLLM", "; ".join(vllm_limits(lm.model, sparse_format))))
     rows.append(("written to", out_dir))
     print_table(rows)
 

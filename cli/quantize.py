@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from almak.cli.common import calibration_options, load_for_calibration, peak_memory, print_table, progress_bar
+from almak.cli.common import (
+    calibration_options,
+    load_for_calibration,
+    peak_memory,
+    print_table,
+    progress_bar,
+    sparse_format_option,
+)
 from almak.eval.evaluate import check_new_output
 from almak.eval.prompts import guess_family
 from almak.modeling.calibrate import decoder_layers
@@ -43,11 +50,12 @@ from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, q
                    "the plain min/max, as the GPTQ paper and llm-compressor do. Same checkpoint format. "
                    "[default: on with --method gptq]")
 @calibration_options
+@sparse_format_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Checkpoint folder (safetensors, compressed-tensors pack-quantized layout).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamples, seqlen, seed, clip_search,
-             prompt_family, device, dtype, out_dir, overwrite):
+             prompt_family, device, dtype, sparse_format, out_dir, overwrite):
     """Quantize MODEL's decoder-layer projections to 4 or 8 bits and write a checkpoint.
 
     The checkpoint loads in almak (almak translate/eval DIR) and in transformers with the compressed-tensors
@@ -91,7 +99,7 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
                   quantized=len(summary["quantized"]), skipped=summary["skipped"])
     if pruned or sparse24:
         fields.update(pruned_source=pruned, sparse24_layers=len(sparse24_quant))
-    save_quantized(lm.model, lm.tokenizer, out, fields, overwrite=overwrite)
+    save_quantized(lm.model, lm.tokenizer, out, fields, overwrite=overwrite, sparse_format=sparse_format)
     after = weight_bytes(lm.model)
     peak = peak_memory(device)
     skipped = summary["skipped"]
@@ -107,6 +115,6 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
         ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB"),
         ("time", f"{seconds:.1f} s"),
         ("peak memory", peak),
-        ("vLLM", "; ".join(vllm_limits(lm.model)) or "the layout vLLM reads (not yet run there)"),
+        ("vLLM", "; ".join(vllm_limits(lm.model, sparse_format)) or "loads and runs in vLLM"),
         ("written to", out_dir),
     ])

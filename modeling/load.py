@@ -28,7 +28,13 @@ import torch
 
 from almak.errors import AlmakError
 from almak.files import write_dir_atomic
-from almak.modeling.checkpoint import is_compressed_checkpoint, is_gptq_checkpoint, load_quantized
+from almak.modeling.checkpoint import (
+    declared_24,
+    is_compressed_checkpoint,
+    is_gptq_checkpoint,
+    load_quantized,
+    swap_declared_24,
+)
 from almak.modeling.devices import DTYPES, check_device, resolve_dtype  # noqa: F401 (also read from here)
 
 log = logging.getLogger(__name__)
@@ -171,6 +177,8 @@ def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto")
     except OSError as e:
         raise AlmakError(f"could not load model {ref!r}: {str(e).splitlines()[0]}") from None
     loaded.ref = ref
+    if path.is_dir() and declared_24(path):  # a 2:4 model stored dense: almak's 2:4 layers, as it was written
+        swap_declared_24(loaded.model, declared_24(path), path)
     return _finish(loaded, dev, torch_dtype)
 
 

@@ -24,8 +24,11 @@ as it is; the layout was checked against compressed-tensors 0.20.0, ``compressor
     dim 0 (the output channels): (ceil(N * bits / 32), G) int32. Symmetric schemes store none (zero 0).
   - ``<name>.weight_shape``: int64 ``[N, K]``.
 
-  and, per 2:4 float linear (``Sparse24Linear``; compressed-tensors' ``sparse-24-bitmask``, whose layout was
-  checked against compressed-tensors 0.14.0.1, the last release that reads it):
+  and, per 2:4 float linear (``Sparse24Linear``), by default (``sparse_format="dense"``, as llm-compressor writes
+  2:4 models since compressed-tensors dropped its sparse formats) the plain ``<name>.weight`` with its zeros,
+  which transformers with any compressed-tensors, and vLLM, load as an ordinary dense layer; or, opt-in
+  (``sparse_format="sparse-24-bitmask"``; the layout checked against compressed-tensors 0.14.0.1, the last
+  release that reads it, and which current vLLM refuses):
 
   - ``<name>.compressed``: (N, K / 2) the kept weights, row-major in order of position;
   - ``<name>.bitmask``: (N, K / 8) uint8, the keep-mask (2 bits per group of 4) packed little-endian
@@ -34,6 +37,10 @@ as it is; the layout was checked against compressed-tensors 0.20.0, ``compressor
 
   A 2:4 + int4 linear (``Sparse24QuantLinear``) is written as ``pack-quantized`` with its dense codes (the
   zero point at pruned positions), as compressed-tensors itself stores sparse quantized layers.
+
+  With the dense format the 2:4 layers are named in config.json's top-level ``almak_sparsity``
+  (``{"format": "dense", "sparsity_structure": "2:4", "targets": [...]}``), outside ``quantization_config``:
+  vLLM refuses any ``sparsity_config`` that names layers. almak reads it back and swaps its 2:4 layers in.
 
 - ``config.json`` with ``quantization_config`` (``quant_method: compressed-tensors``, ``format:
   pack-quantized``, ``quantization_status: compressed``, one ``config_groups`` entry per scheme targeting
@@ -91,12 +98,14 @@ from almak.modeling.checkpoint.sparse24_bitmask import CT_SPARSE_FORMAT, CT_SPAR
 from almak.modeling.checkpoint.vllm import vllm_limits
 from almak.modeling.devices import check_device, resolve_dtype
 from almak.modeling.sparse_linear import Sparse24Linear
+from almak.modeling.surgery import sparsify_
 
 __all__ = [
     "save_quantized", "save_pruned", "load_quantized", "read_recipe", "is_compressed_checkpoint",
     "is_gptq_checkpoint", "vllm_limits", "checkpoint_quantization_config", "ct_quantization_config",
     "ct_sparsity_config", "pack_rows", "unpack_rows", "WEIGHTS_FILE", "RECIPE_FILE", "SPARSITY_REPORT_FILE",
-    "CT_FORMAT", "CT_LAYOUT_VERSION", "CT_SPARSE_FORMAT", "CT_SPARSE_LAYOUT_VERSION",
+    "CT_FORMAT", "CT_LAYOUT_VERSION", "CT_SPARSE_FORMAT", "CT_SPARSE_LAYOUT_VERSION", "SPARSE_FORMATS",
+    "SPARSITY_KEY", "declared_24", "swap_declared_24",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,6 +117,10 @@ SPARSITY_REPORT_FILE = "sparsity_report.json"
 # about 9 MB) and the safetensors header.
 SPACE_MARGIN = 64 * 2**20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# How 2:4 float layers are stored: dense weights (the default; what current transformers, compressed-tensors and
+# vLLM load) or compressed-tensors' sparse-24-bitmask (compressed-tensors <= 0.14 only).
+SPARSE_FORMATS = ("dense", CT_SPARSE_FORMAT)
+SPARSITY_KEY = "almak_sparsity"  # config.json's record of the 2:4 layers of a dense-format folder
 
 
 def read_recipe(folder) -> dict | None:
@@ -124,10 +137,13 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def checkpoint_quantization_config(model: nn.Module, act_order: bool = False) -> dict | None:
-    """config.json's ``quantization_config`` for ``model``: pack-quantized groups for its quantized layers,
-    a ``sparsity_config`` for its 2:4 layers; None when it has neither (a plain float folder)."""
-    quant, sparse = quant_layers(model), sparse_layers(model)
+def checkpoint_quantization_config(model: nn.Module, act_order: bool = False,
+                                   sparse_format: str = "dense") -> dict | None:
+    """config.json's ``quantization_config`` for ``model``: pack-quantized groups for its quantized layers, and
+    with ``sparse_format="sparse-24-bitmask"`` a ``sparsity_config`` for its 2:4 layers; None when there is
+    nothing to say (a plain float folder, 2:4 dense-stored layers included)."""
+    _check_sparse_format(sparse_format)
+    quant, sparse = quant_layers(model), sparse_layers(model) if sparse_format == CT_SPARSE_FORMAT else {}
     if not quant and not sparse:
         return None
     if quant:
@@ -139,7 +155,20 @@ def checkpoint_quantization_config(model: nn.Module, act_order: bool = False) ->
     return qc
 
 
-def _tensors_to_write(model: nn.Module) -> dict[str, torch.Tensor]:
+def _check_sparse_format(sparse_format: str) -> None:
+    if sparse_format not in SPARSE_FORMATS:
+        raise AlmakError(f"unknown 2:4 storage format {sparse_format!r}; choose {' or '.join(SPARSE_FORMATS)}")
+
+
+def declared_24(folder) -> list[str]:
+    """The layers a dense-format folder declares 2:4 (config.json's ``almak_sparsity``); [] when none."""
+    declared = read_config(Path(folder)).get(SPARSITY_KEY) or {}
+    if declared.get("sparsity_structure") != "2:4":
+        return []
+    return list(declared.get("targets") or [])
+
+
+def _tensors_to_write(model: nn.Module, sparse_format: str = "dense") -> dict[str, torch.Tensor]:
     layers = {**quant_layers(model), **sparse_layers(model)}
     state = model.state_dict()
     tied_targets = set(getattr(model, "_tied_weights_keys", None) or {})
@@ -160,14 +189,18 @@ def _tensors_to_write(model: nn.Module) -> dict[str, torch.Tensor]:
             seen[alias] = key
         out[key] = t
     for name, layer in layers.items():
-        if isinstance(layer, Sparse24Linear):
+        if isinstance(layer, Sparse24Linear) and sparse_format == "dense":
+            out[f"{name}.weight"] = layer.dense_weight()
+            if layer.bias is not None:
+                out[f"{name}.bias"] = layer.bias
+        elif isinstance(layer, Sparse24Linear):
             out.update(sparse24_bitmask.layer_tensors(name, layer))
         else:
             out.update(pack_quantized.layer_tensors(name, layer))
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def _write_config(model: nn.Module, folder: Path, quant_config: dict | None) -> None:
+def _write_config(model: nn.Module, folder: Path, quant_config: dict | None, sparse_format: str) -> None:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -182,17 +215,22 @@ def _write_config(model: nn.Module, folder: Path, quant_config: dict | None) -> 
         data["quantization_config"] = quant_config
     # Top-level, not inside quantization_config: loaders read that one by its schema.
     data["almak_recipe"] = RECIPE_FILE
+    sparse = sparse_layers(model)
+    if sparse and sparse_format == "dense":
+        data[SPARSITY_KEY] = {"format": "dense", "sparsity_structure": "2:4", "targets": sorted(sparse)}
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_quantized(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite: bool = False) -> Path:
+def save_quantized(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite: bool = False,
+                   sparse_format: str = "dense") -> Path:
     """Write ``model`` (with QuantLinear layers) as a compressed-tensors ``pack-quantized`` checkpoint.
 
     ``recipe`` (method, bits, group size, calibration set and size, damping, ...) is stored as
     ``almak_recipe.json`` with almak's version added. The folder is written beside ``out_dir`` under a
     temporary name and renamed when complete; an existing ``out_dir`` is refused unless ``overwrite``.
-    ``Sparse24QuantLinear`` layers (2:4 + int4) are written as pack-quantized too, named in a
-    ``sparsity_config``.
+    ``Sparse24QuantLinear`` layers (2:4 + int4) are written as pack-quantized too, named in config.json's
+    ``almak_sparsity`` (``sparse_format="sparse-24-bitmask"``: in a compressed-tensors ``sparsity_config``,
+    which current vLLM refuses).
 
     >>> quantize_(model, QuantConfig(bits=4, group_size=64))                       # doctest: +SKIP
     >>> save_quantized(model, tok, "out/smollm-w4", {"method": "rtn", "bits": 4})  # doctest: +SKIP
@@ -204,23 +242,26 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite
                          "(almak.modeling.surgery.quantize_ or GPTQ)")
     for name, layer in layers.items():
         pack_quantized.check_writable(name, layer, layers)
-    return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite)
+    return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite, sparse_format)
 
 
-def save_pruned(model: nn.Module, tokenizer, out_dir, recipe: dict, report: dict, overwrite: bool = False) -> Path:
-    """Write a pruned ``model``: its ``Sparse24Linear`` layers in compressed-tensors' ``sparse-24-bitmask``
-    layout (with a ``sparsity_config``), everything else dense (unstructured pruning: dense tensors with
-    zeros, no ``quantization_config``), plus ``sparsity_report.json`` (``report``: per-layer sparsity) and the
-    recipe. Same temporary-folder and ``overwrite`` rules as :func:`save_quantized`.
+def save_pruned(model: nn.Module, tokenizer, out_dir, recipe: dict, report: dict, overwrite: bool = False,
+                sparse_format: str = "dense") -> Path:
+    """Write a pruned ``model``: its ``Sparse24Linear`` layers as dense weights named 2:4 in config.json's
+    ``almak_sparsity`` (``sparse_format="sparse-24-bitmask"``: compressed-tensors' compressed layout, with a
+    ``sparsity_config``), everything else dense (unstructured pruning: dense tensors with zeros), plus
+    ``sparsity_report.json`` (``report``: per-layer sparsity) and the recipe. Same temporary-folder and
+    ``overwrite`` rules as :func:`save_quantized`.
     """
-    return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite, {SPARSITY_REPORT_FILE: report})
+    return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite, sparse_format,
+                             {SPARSITY_REPORT_FILE: report})
 
 
-def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite: bool,
+def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite: bool, sparse_format: str,
                       extra_json: dict[str, dict] | None = None) -> Path:
     from safetensors.torch import save_file
 
-
+    _check_sparse_format(sparse_format)
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
         raise AlmakError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
@@ -231,9 +272,9 @@ def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwr
             texts[fname] = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
     except TypeError as e:
         raise AlmakError(f"the recipe cannot be written as JSON: {e}") from None
-    quant_config = checkpoint_quantization_config(model, act_order=bool(recipe.get("act_order")))
+    quant_config = checkpoint_quantization_config(model, bool(recipe.get("act_order")), sparse_format)
 
-    tensors = _tensors_to_write(model)
+    tensors = _tensors_to_write(model, sparse_format)
     need = sum(t.numel() * t.element_size() for t in tensors.values()) + SPACE_MARGIN
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
@@ -243,7 +284,7 @@ def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwr
 
     def fill(tmp: Path) -> None:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        _write_config(model, tmp, quant_config)
+        _write_config(model, tmp, quant_config, sparse_format)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -269,6 +310,20 @@ def _skeleton(folder: Path):
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config)
+
+
+def swap_declared_24(model: nn.Module, names: list[str], folder: Path) -> None:
+    """Swap the layers ``almak_sparsity`` declares 2:4 for almak's 2:4 layers; one that is not 2:4 after all stays
+    as it is (it still computes the right thing), with a warning."""
+    present = {n for n, _ in model.named_modules()}
+    unknown = [n for n in names if n not in present]
+    if unknown:
+        raise AlmakError(f"{folder}: config.json's {SPARSITY_KEY} names {unknown[0]}, which the model has no "
+                         "module for")
+    done = set(sparsify_(model, names))
+    left = [n for n in names if n not in done]
+    if left:
+        log.warning("%s: %d layers declared 2:4 are not 2:4 (%s, ...); loading them dense", folder, len(left), left[0])
 
 
 def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch.float32):
@@ -319,6 +374,8 @@ def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch
     if missing:
         raise AlmakError(f"{folder}: the checkpoint lacks {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if declared_24(folder):
+        swap_declared_24(model, declared_24(folder), folder)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.to(device=dev, dtype=dtype).eval()

@@ -8,11 +8,13 @@ import torch.nn as nn
 from almak.modeling.checkpoint.common import quant_layers, scheme_key, sparse_layers
 
 
-def vllm_limits(model: nn.Module) -> list[str]:
-    """What in ``model``'s compressed layers vLLM's kernels will not run as almak wrote it, read from vLLM's
-    compressed-tensors code (2026-11; almak has not run vLLM): empty when nothing stands out."""
+def vllm_limits(model: nn.Module, sparse_format: str = "dense") -> list[str]:
+    """What in ``model``'s compressed layers vLLM's kernels will not run as almak wrote it (``sparse_format``: how
+    its 2:4 layers are stored), read from vLLM's compressed-tensors code: empty when nothing stands out."""
     notes = []
-    if sparse_layers(model):
+    if sparse_layers(model) and sparse_format == "dense":
+        notes.append("vLLM runs the 2:4 layers as dense weights (it has no 2:4 kernels for them)")
+    elif sparse_layers(model):
         notes.append("current vLLM does not load 2:4 (sparse) compressed-tensors checkpoints")
     quant = quant_layers(model).values()
     schemes = {scheme_key(m) for m in quant}

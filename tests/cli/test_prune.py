@@ -17,8 +17,9 @@ def test_prune_24_then_eval_then_quantize(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(main, ["prune", str(tiny_llama_dir), "--method", "sparsegpt", "--pattern", "2:4",
                                        "--skip", "layers.0.self_attn", *FAST, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "layers pruned        10 (10 stored 2:4-compressed)" in result.output
-    assert "current vLLM does not load 2:4" in result.output
+    assert "layers pruned        10 (10 of them 2:4 layers)" in result.output
+    assert "vLLM runs the 2:4 layers as dense weights" in result.output
+    assert json.loads((out / "config.json").read_text())["almak_sparsity"]["sparsity_structure"] == "2:4"
     assert "4 (4 by --skip layers.0.self_attn)" in result.output
     assert "layer 1              q 50% k 50% v 50% o 50% gate 50% up 50% down 50%" in result.output
     recipe = json.loads((out / "almak_recipe.json").read_text())
@@ -40,6 +41,17 @@ def test_prune_24_then_eval_then_quantize(tiny_llama_dir, tmp_path):
     # GPTQ kept every pruned weight at the zero point: the layers load as 2:4 + int4 again.
     assert isinstance(lm.model.model.layers[1].mlp.up_proj, Sparse24QuantLinear)
     assert json.loads((w4 / "almak_recipe.json").read_text())["pruned_source"]["method"] == "sparsegpt"
+
+
+def test_prune_24_bitmask_format(tiny_llama_dir, tmp_path):
+    out = tmp_path / "p24"
+    result = CliRunner().invoke(main, ["prune", str(tiny_llama_dir), "--method", "magnitude", "--pattern", "2:4",
+                                       "--sparse-format", "sparse-24-bitmask", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "current vLLM does not load 2:4" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+    assert "almak_sparsity" not in config
 
 
 def test_prune_unstructured_magnitude(tiny_llama_dir, tmp_path):

@@ -4,7 +4,6 @@ import copy
 import importlib.util
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -153,32 +152,8 @@ def test_int4_weight_packed_is_stored_as_is(tiny):
 
 # ------------------------------------------------------------------------------------------------ interop
 
-def _major_minor(package):
-    from importlib.metadata import version
-
-    return tuple(int(p) for p in version(package).split(".")[:2])
-
-
-def transformers_load(folder, dequantize):
-    """transformers' own load of ``folder``; ``dequantize`` for asymmetric checkpoints, which transformers 5.x
-    + compressed-tensors 0.20 can only read through its dequantize-on-load path."""
-    if _major_minor("transformers") < (5, 0):
-        if dequantize and _major_minor("compressed-tensors") >= (0, 15):
-            # transformers 4.x + compressed-tensors 0.15-0.20 cannot load asymmetric pack-quantized checkpoints
-            # (zero-point shape mismatch, llm-compressor's own too; upstream #1618/#1704); with 0.14 they load.
-            pytest.xfail("asymmetric pack-quantized checkpoints do not load in transformers 4.x + "
-                         "compressed-tensors >= 0.15")
-        dequantize = False  # 4.x + compressed-tensors 0.14 reads them as they are
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
-    with warnings.catch_warnings():  # "the quantization_config from the model will be used": as intended
-        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
-
-
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_transformers_loads_almak_checkpoint(tiny, tmp_path, scheme):
+def test_transformers_loads_almak_checkpoint(tiny, tmp_path, scheme, transformers_load):
     """The issue's interop proof: transformers + compressed-tensors reads almak's folder as it is."""
     pytest.importorskip("compressed_tensors")
     bits, group_size, sym = SCHEMES[scheme]
@@ -192,7 +167,7 @@ def test_transformers_loads_almak_checkpoint(tiny, tmp_path, scheme):
     torch.testing.assert_close(logits(hf), logits(ours), atol=1e-4, rtol=1e-4)
 
 
-def test_transformers_loads_mixed_schemes(tiny, tmp_path):
+def test_transformers_loads_mixed_schemes(tiny, tmp_path, transformers_load):
     pytest.importorskip("compressed_tensors")
     model = copy.deepcopy(tiny.model)
     quantize_(model, QuantConfig(bits=8, group_size=-1), filter_fn=lambda n, m: n.endswith("down_proj"))
@@ -229,7 +204,7 @@ def write_with_compressed_tensors(model, tokenizer, folder, bits, group_size, sy
 
 
 @pytest.mark.parametrize("scheme", ["int4-sym-g32", "int4-asym-g32", "int8-sym-channel"])
-def test_reads_compressed_tensors_checkpoint(tiny, tmp_path, scheme):
+def test_reads_compressed_tensors_checkpoint(tiny, tmp_path, scheme, transformers_load):
     """llm-compressor's layout, written by compressed-tensors itself, loads into QuantLinear."""
     pytest.importorskip("compressed_tensors")
     bits, group_size, sym = SCHEMES[scheme]
