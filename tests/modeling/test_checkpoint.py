@@ -544,9 +544,12 @@ def test_vllm_limits_name_what_vllm_kernels_will_not_run():
     from almak.modeling.sparse_linear import Sparse24Linear
 
     layers = torch.nn.ModuleDict({"ok": QuantLinear(256, 64, bits=4, group_size=64, sym=False, dtype=torch.float16)})
-    assert checkpoint.vllm_limits(layers) == []
+    assert checkpoint.vllm_limits(layers) == [] and checkpoint.vllm_summary(layers) == "loads and runs in vLLM"
     layers["g256_int8_asym"] = QuantLinear(256, 64, bits=8, group_size=256, sym=False, dtype=torch.float32)
     notes = checkpoint.vllm_limits(layers)
-    assert len(notes) == 3 and "not 256" in notes[0] and "asymmetric int8" in notes[1] and "float32" in notes[2]
+    assert len(notes) == 4 and "not 256" in notes[0] and "no int8 kernel" in notes[1]
+    assert "asymmetric int8" in notes[2] and "float32" in notes[3]
+    assert checkpoint.vllm_summary(layers).startswith("vLLM's int4/int8 kernels take group size")
     layers["sparse"] = Sparse24Linear(64, 64, device="meta")
-    assert "2:4" in checkpoint.vllm_limits(layers)[0]
+    assert "2:4 (sparse)" in checkpoint.vllm_limits(layers, "sparse-24-bitmask")[0]
+    assert "2:4 layers as dense weights" in checkpoint.vllm_notes(layers)[0]
