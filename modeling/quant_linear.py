@@ -14,33 +14,48 @@ Buffers (the compressed-tensors ``pack-quantized`` layout, what checkpoints stor
 Where the matmul runs:
 
 - CUDA: the Triton kernels of :mod:`almak.kernels` (they pick decode / prefill / cuBLAS by M themselves).
-- CPU: PyTorch's native weight-only kernels for small M (decode), where they apply: ``_weight_int8pack_mm``
-  for per-channel symmetric int8, ``_weight_int4pack_mm_for_cpu`` for int4 with a group size that divides
-  K. Both want bf16 activations, so x is rounded to bf16 there. For larger M (prefill), and for schemes the
-  native kernels do not cover (ragged or per-channel int4, grouped or asymmetric int8), the layer
-  dequantizes once and keeps the float weight: as fast as the dense layer, and as large, so on the CPU a
-  quantized model saves speed in decode but not memory. ``extra_repr`` names the paths a layer takes.
+- CPU, up to ``CPU_NATIVE_MAX_M`` rows of x (decode): PyTorch's native weight-only kernels where they apply:
+  ``_weight_int8pack_mm`` for per-channel int8 (an asymmetric zero point is subtracted on the output:
+  ``s * (x @ q) - s * z * sum(x)``), ``_weight_int4pack_mm_for_cpu`` for int4 with groups of 32 to 256 that
+  divide K (per-channel int4 as groups of the largest of 256, 128, 64, 32 that divides K, each with the
+  channel's scale). Both want bf16 activations, so x is rounded to bf16 there. The int4 kernel reads its own
+  packing of the codes, built on first use and kept (as large as ``weight_packed``).
+- CPU, more rows (prefill), and schemes the native kernels do not cover (grouped int8, int4 groups that do
+  not divide K): the weight is dequantized ``CPU_CHUNK_ELEMS`` at a time, straight into x's dtype, and each
+  chunk multiplied and dropped, so no dense copy of the weight outlives the call; a quantized model is as
+  small in memory as on disk. ``extra_repr`` names the paths a layer takes.
 """
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from almak.kernels import w4a16_matmul, w8a16_matmul
+from almak.kernels.common import apply_groups_
 from almak.kernels.w4a16 import dequantize_w4
 from almak.kernels.w8a16 import dequantize_w8
 from almak.quant.pack import GROUP_SIZES, pack_int4, quantize_rtn_groupwise, unpack_int4
 
-# Rows of x up to which the native CPU kernels beat dense fp32; above it the dense path runs. Measured on a
-# 2-core x86_64 VM (2026-11-25, ms per call, dense fp32 / native int4 / native int8): 4096x11008 M=1
+# Rows of x up to which the native CPU kernels run; above it the weight is dequantized chunk by chunk. Measured
+# on a 2-core x86_64 VM (2026-11-25, ms per call, dense fp32 / native int4 / native int8): 4096x11008 M=1
 # 7.6 / 3.2 / 1.9, M=8 19.8 / 8.6 / 8.4, M=40 37.7 / 43.1 / 41.2; 1536x576 M=8 0.37 / 0.19 / 0.18,
 # M=40 0.57 / 0.88 / 0.85.
 CPU_NATIVE_MAX_M = 16
+# Weights dequantized per chunk on the CPU's chunked path: 1M elements (2 MB in bf16, 4 MB in fp32), a slice that
+# stays in cache between its dequantization and its matmul. Measured on the 2-core VM (2026-12-02, bf16
+# activations, ms per call, a kept dense bf16 weight / chunked with 256K, 1M, 4M, 16M-element chunks):
+# 4096x11008 int4 g64 M=512 121 / 213, 172, 185, 264, M=64 18 / 102, 56, 63, 162; int8 per channel M=512
+# 117 / 188, 166, 147, 225, M=64 18 / 51, 40, 50, 110; 576x1536 int4 g64 M=512 2.5 / -, 3.5. Prefill costs
+# ~1.4x the kept dense weight at M=512; the kept weight would cost 2 (bf16) or 4 (fp32) bytes per weight.
+CPU_CHUNK_ELEMS = 1 << 20
 # inner K tiles of PyTorch's CPU int4 packing (its accepted values are 2, 4, 8).
 INT4_INNER_K_TILES = 2
+# Group sizes PyTorch's CPU int4 kernel takes.
+NATIVE_INT4_GROUPS = (256, 128, 64, 32)
 
 
 def check_quant_args(bits: int, group_size: int) -> None:
@@ -89,8 +104,19 @@ class QuantLinear(nn.Module):
         W = linear.weight
         layer = cls(linear.in_features, linear.out_features, bits, group_size, sym, linear.bias is not None,
                     dtype=W.dtype, device=W.device)
-        q, scales, zeros = quantize_rtn_groupwise(W.float(), bits, group_size, sym, scale_dtype=W.dtype)
-        layer.set_quantized(q, scales, zeros)
+        # Row by row is the same rounding (each row has its own scales); in blocks of rows, the float32
+        # temporaries stay the size of a block, not of the weight.
+        rows = max(1, CPU_CHUNK_ELEMS * 4 // linear.in_features)
+        codes, scales, zeros = [], [], []
+        for r in range(0, linear.out_features, rows):
+            q, s, z = quantize_rtn_groupwise(W[r:r + rows].float(), bits, group_size, sym, scale_dtype=W.dtype)
+            codes.append(pack_int4(q) if bits == 4 else q)  # packing goes through int64: a block at a time too
+            scales.append(s)
+            zeros.append(z)
+        layer.weight_packed.copy_(torch.cat(codes))
+        layer.weight_scale.copy_(torch.cat(scales).reshape(layer.weight_scale.shape))
+        if not sym:
+            layer.weight_zero_point.copy_(torch.cat(zeros).reshape(layer.weight_zero_point.shape))
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)
         return layer
@@ -136,47 +162,104 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def cpu_path(self) -> str:
-        """The decode-size CPU path: ``native-int8``, ``native-int4`` or ``dense`` (see the module docstring)."""
-        if self.bits == 8 and self.sym and self.group_size == -1:
-            return "native-int8"
-        if (self.bits == 4 and self.group_size in (32, 64, 128, 256) and self.in_features % self.group_size == 0
-                and self.in_features % (16 * INT4_INNER_K_TILES) == 0):
-            return "native-int4"
-        return "dense"
+    def native_int4_group(self) -> int | None:
+        """The group size PyTorch's CPU int4 kernel runs this layer with, or None where it cannot."""
+        if self.bits != 4 or self.in_features % (16 * INT4_INNER_K_TILES) or self.out_features % 16:
+            return None
+        if self.group_size == -1:  # per channel: any group that divides K, every group with the channel's scale
+            return next((g for g in NATIVE_INT4_GROUPS if self.in_features % g == 0), None)
+        return self.group_size if self.group_size in NATIVE_INT4_GROUPS and self.in_features % self.group_size == 0 \
+            else None
 
-    def _cpu_operands(self, path: str) -> tuple:
-        """What a CPU path multiplies with, built on first use and kept (dropped by ``.to()``)."""
+    def cpu_path(self) -> str:
+        """The decode-size CPU path: ``native-int8``, ``native-int4`` or ``chunked`` (see the module docstring)."""
+        if self.bits == 8 and self.group_size == -1:
+            return "native-int8"
+        if self.native_int4_group() is not None:
+            return "native-int4"
+        return "chunked"
+
+    def _native_operands(self, path: str) -> tuple:
+        """What a native CPU kernel multiplies with, built on first use and kept (dropped by ``.to()``)."""
         if path not in self._cpu_cache:
+            s = self.weight_scale.float()
             if path == "native-int8":
-                ops = (self.weight_packed, self.weight_scale.reshape(-1).to(torch.bfloat16))
-            elif path == "native-int4":
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32),
-                                                                           INT4_INNER_K_TILES)
-                s = self.weight_scale.float()
-                # PyTorch's int4 kernel computes (q - 8) * scale + offset; ours is (q - z) * scale.
-                offset = (8 - self.zeros().float()) * s
-                ops = (packed, torch.stack([s, offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+                # asymmetric: s * (x @ q - z * sum(x)); the second operand is s * z per output channel
+                sz = None if self.sym else (s * self.weight_zero_point.float()).reshape(-1).to(torch.bfloat16)
+                ops = (self.weight_packed, s.reshape(-1).to(torch.bfloat16), sz)
             else:
-                ops = (self.dequantize(),)
+                group = self.native_int4_group()
+                # PyTorch packs blocks of 64 rows on their own: convert a block range at a time, so that the
+                # int32 codes it takes are never the whole weight's (4 bytes per weight).
+                step = max(64, CPU_CHUNK_ELEMS // self.in_features // 64 * 64) if self.out_features % 64 == 0 \
+                    else self.out_features
+                packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    unpack_int4(self.weight_packed[r:r + step]).to(torch.int32), INT4_INNER_K_TILES)
+                    for r in range(0, self.out_features, step)])
+                z = self.zeros().float()
+                if self.group_size == -1:  # the channel's scale and zero for each of its native groups
+                    s, z = s.expand(-1, self.in_features // group), z.expand(-1, self.in_features // group)
+                # PyTorch's int4 kernel computes (q - 8) * scale + offset; ours is (q - z) * scale.
+                offset = (8 - z) * s
+                ops = (packed, torch.stack([s, offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16), group)
             self._cpu_cache[path] = ops
         return self._cpu_cache[path]
+
+    def _dequantized_rows(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows n0:n1 of the weight (stored column order) in ``dtype``: (q - z) * s computed in float32 and
+        rounded once to ``dtype``, as :meth:`dequantize` does."""
+        rows, K = n1 - n0, self.in_features
+        if self.bits == 4 and sys.byteorder == "little":
+            b = self.weight_packed[n0:n1].view(torch.uint8)  # byte j: nibbles 2j (low) and 2j + 1 (high)
+            W = torch.empty(rows, K // 2, 2)
+            W[..., 0] = b & 0xF
+            W[..., 1] = b >> 4
+            W = W.view(rows, K)
+        elif self.bits == 4:
+            W = unpack_int4(self.weight_packed[n0:n1]).float()
+        else:
+            W = self.weight_packed[n0:n1].float()
+        G = K if self.group_size == -1 else self.group_size
+        if K % G:  # a ragged last group
+            zeros = self.zeros()
+            return apply_groups_(W, self.weight_scale[n0:n1], None if zeros is None else zeros[n0:n1],
+                                 self.group_size).to(dtype)
+        grouped = W.view(rows, K // G, G)
+        if not self.sym:
+            grouped.sub_(self.weight_zero_point[n0:n1].float().unsqueeze(-1))
+        elif self.bits == 4:
+            grouped.sub_(8)
+        grouped.mul_(self.weight_scale[n0:n1].float().unsqueeze(-1))
+        return W.to(dtype)
+
+    def _chunked(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) in stored column order @ the dequantized weight, ``CPU_CHUNK_ELEMS`` weights at a time."""
+        rows = max(16, CPU_CHUNK_ELEMS // self.in_features)
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype)
+        for n0 in range(0, self.out_features, rows):
+            n1 = min(self.out_features, n0 + rows)
+            y[:, n0:n1] = F.linear(x2, self._dequantized_rows(n0, n1, x2.dtype))
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda or self.backend == "triton":
             y = self._triton(x if self.input_perm is None else x.index_select(-1, self.input_perm))
         else:
             x2 = x.reshape(-1, self.in_features)
-            path = self.cpu_path() if x2.shape[0] <= CPU_NATIVE_MAX_M else "dense"
-            ops = self._cpu_operands(path)
-            if path == "dense":  # the dequantized weight is in the input's order
-                return F.linear(x, ops[0].to(x.dtype), self.bias)
             if self.input_perm is not None:
                 x2 = x2.index_select(-1, self.input_perm)
-            if path == "native-int8":
-                y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), *ops)
+            path = self.cpu_path() if x2.shape[0] <= CPU_NATIVE_MAX_M else "chunked"
+            if path == "chunked":
+                y = self._chunked(x2)
+            elif path == "native-int8":
+                q, s, sz = self._native_operands(path)
+                xb = x2.to(torch.bfloat16)
+                y = torch.ops.aten._weight_int8pack_mm(xb, q, s)
+                if sz is not None:
+                    y = y.float() - xb.float().sum(-1, keepdim=True) * sz.float()
             else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), ops[0], self.group_size, ops[1])
+                packed, scales, group = self._native_operands(path)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, group, scales)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -192,7 +275,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         scheme = f"int{self.bits} {'sym' if self.sym else 'asym'}, group_size={self.group_size}"
         where = ("triton (cuda)" if self.weight_packed.is_cuda
-                 else f"cpu path={self.cpu_path()} (M<={CPU_NATIVE_MAX_M}), dense above")
+                 else f"cpu path={self.cpu_path()} (M<={CPU_NATIVE_MAX_M}), chunked above")
         return (f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, "
                 f"bias={self.bias is not None}, {where}" + (", input permuted (act-order g_idx)"
                                                             if self.input_perm is not None else ""))

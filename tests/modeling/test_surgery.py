@@ -41,7 +41,7 @@ def test_embedded_model(smollm, batch, caplog, config, min_cos, reference_rtn):
             module.weight.data = reference_rtn(module.weight, config.bits, config.group_size).float()
     with torch.no_grad():
         q_logits, ref_logits = model(batch).logits, ref(batch).logits
-    # A 30-token prompt is above CPU_NATIVE_MAX_M: the dense path on the dequantized weight, equal up to fp32 rounding.
+    # A 30-token prompt is above CPU_NATIVE_MAX_M: the chunked path on the dequantized weight, equal up to fp32 rounding.
     torch.testing.assert_close(q_logits, ref_logits, rtol=1e-4, atol=1e-3)
     cos = torch.nn.functional.cosine_similarity(q_logits.flatten(), float_logits.flatten(), dim=0)
     assert cos > min_cos
