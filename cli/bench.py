@@ -14,7 +14,6 @@ from almak.eval.bench import (
     SHAPE_VARIANTS,
     BenchConfig,
     device_name,
-    make_variant,
     plot_decode_speedup,
     plot_quality,
     quality_metric,
@@ -27,7 +26,8 @@ from almak.eval.evaluate import check_new_output
 from almak.eval.generate import ENGINES
 from almak.eval.vllm_engine import VllmEngine
 from almak.files import write_dir_atomic
-from almak.modeling.load import DEFAULT_MODEL, load_model, resolve_dtype, weight_bytes
+from almak.modeling.devices import DTYPES, check_device, inference_dtype
+from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 
 
 @click.command()
@@ -41,7 +41,8 @@ from almak.modeling.load import DEFAULT_MODEL, load_model, resolve_dtype, weight
               help="Measurements per (model, batch size); the median is reported.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...; auto: cuda if present.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              help="Activation dtype; auto is float32 on CPU and float16 on GPU.")
+              help="Activation dtype; auto is bfloat16 on a CPU with native bfloat16 arithmetic, float32 on other "
+                   "CPUs, float16 on GPUs (vLLM: bfloat16).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Folder for bench.json and decode_speedup.png (written when complete).")
 @click.option("--shape", type=click.Choice(list(BENCH_SHAPES)),
@@ -117,6 +118,7 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
         raise AlmakError("the plot needs matplotlib: pip install 'almak[bench]', or pass --no-plot")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    vllm_dtype, (dtype, _) = dtype, inference_dtype(dtype, check_device(device).type)
     if layers and not shape:
         raise AlmakError("--layers goes with --shape")
     loaded, info = {}, {}
@@ -127,8 +129,8 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
             raise AlmakError(f"with --shape, MODELS are variants of it ({', '.join(SHAPE_VARIANTS)}), not "
                              f"{', '.join(unknown)}")
         for name in dict.fromkeys(models or ("float", "int8", "int4")):
-            model = random_model(shape, resolve_dtype(dtype, device), device, layers)  # same seed: same weights
-            loaded[name] = make_variant(model, name)
+            # same seed: same weights; each projection is made the variant as it is drawn
+            model = loaded[name] = random_model(shape, DTYPES[dtype], device, layers, variant=name)
             info[name] = {"ref": f"random {shape}" + (f" ({layers} layers)" if layers else ""),
                           "engine": engine_list[0], "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                           "weight_bytes": weight_bytes(model)}
@@ -141,7 +143,7 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
             while name in loaded:
                 name += "'"
             if engine == "vllm":
-                model = VllmEngine(ref, dtype, tensor_parallel_size, cuda_graphs)
+                model = VllmEngine(ref, vllm_dtype, tensor_parallel_size, cuda_graphs)
                 model.start(prompt_len + gen_len + 1, max(sizes))
                 info[name] = {"ref": ref, "engine": engine, "dtype": model.dtype, "weight_bytes": model.weight_bytes()}
             else:

@@ -12,9 +12,9 @@ from almak.eval.prompts import guess_family
 from almak.modeling.checkpoint import SPARSE_FORMATS
 from almak.modeling.finetune import GROUP_STEPS
 from almak.eval.vllm_engine import VllmEngine
-from almak.modeling.devices import check_device
+from almak.modeling.devices import check_device, inference_dtype
 from almak.modeling.load import DEFAULT_MODEL, LoadedModel, load_model
-from almak.modeling.surgery import QuantConfig, quantize_
+from almak.modeling.surgery import QuantConfig
 
 
 def progress_bar(desc: str, total: int, unit: str = "sent"):
@@ -29,7 +29,8 @@ def model_options(f):
                      help="cpu, cuda, cuda:1, ...; auto picks cuda when torch sees a GPU.")(f)
     f = click.option("--dtype", default="auto", show_default=True,
                      type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-                     help="Activation/weight dtype; auto is float32 on CPU and float16 on GPU.")(f)
+                     help="Activation/weight dtype; auto is bfloat16 on a CPU with native bfloat16 arithmetic "
+                          "(AVX512-BF16, AMX, Arm BF16), float32 on other CPUs, float16 on GPUs.")(f)
     f = click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
                      help="Prompt family; guessed from the model name when omitted (alma by default).")(f)
     f = click.option("--group-size", type=click.Choice(["32", "64", "128", "256", "-1"]),
@@ -130,9 +131,11 @@ def load(model, device, dtype, prompt_family, qconfig=None):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
+    dtype, lm_dtype_choice = inference_dtype(dtype, check_device(device).type)
+    lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype, quant=qconfig)
+    lm.dtype_choice = lm_dtype_choice
     if qconfig:
-        summary = quantize_(lm.model, qconfig)
+        summary = lm.quantized
         kept = f"; kept {', '.join(summary['skipped'])}" if summary["skipped"] else ""
         click.echo(f"quantized {len(summary['quantized'])} linears to {qconfig.describe()}{kept}", err=True)
     return lm, prompt_family or guess_family(lm.ref, lm.tokenizer)
@@ -151,7 +154,8 @@ def load_for_engine(model, device, dtype, prompt_family, qconfig, gen: Generatio
     if device != "auto" and check_device(device).type != engine.device:
         raise AlmakError(f"this vLLM build runs on {engine.device}, not {device}: drop --device (vLLM's build "
                          "decides where it runs)")
-    lm = LoadedModel(engine, engine.tokenizer, model or DEFAULT_MODEL, str(engine.folder))
+    lm = LoadedModel(engine, engine.tokenizer, model or DEFAULT_MODEL, str(engine.folder),
+                     "auto: vLLM's default on the CPU" if dtype == "auto" else "asked for")
     return lm, prompt_family or guess_family(lm.ref, lm.tokenizer)
 
 

@@ -78,6 +78,7 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, la
         for bar in bars:
             bar.close()
     report["model"] = lm.ref
+    report["dtype_choice"] = lm.dtype_choice
     if engine == "vllm":
         report["tensor_parallel_size"] = tensor_parallel_size
     if qconfig:
@@ -88,7 +89,7 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, la
         click.echo(json.dumps(report, ensure_ascii=False))
         return
     rows = [("model", lm.ref), ("test set", f"{ts.name} ({ts.lang_pair}, {len(ts.sources)} sentences)"),
-            ("engine", f"{engine}, {report['dtype']} on {report['device']}"
+            ("engine", f"{engine}, {report['dtype']} on {report['device']} ({lm.dtype_choice})"
              + (f", tensor parallel {tensor_parallel_size}" if tensor_parallel_size > 1 else "")),
             ("prompt / beams", f"{config.prompt} / {num_beams}" if "sentences_per_s" in report else config.prompt)]
     rows += metric_rows(report)

@@ -55,6 +55,7 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
                            engine=engine, cuda_graphs=cuda_graphs)
     lm, family = load_for_engine(model, device, dtype, prompt_family, quant_config(quant, group_size), gen,
                                  tensor_parallel_size)
+    click.echo(f"{lm.ref}: {getattr(lm.model, 'dtype', '')} ({lm.dtype_choice})".replace("torch.", ""), err=True)
     with progress_bar("translate", len(lines)) as bar:
         result = run_translate(lm.model, lm.tokenizer, lines, Prompt(family, src, tgt), gen, bar.update)
     text = "".join(h + "\n" for h in result.hypotheses)

@@ -29,7 +29,8 @@ import torch
 from almak.errors import AlmakError
 from almak.eval.generate import ENGINES
 from almak.modeling.decoder import Decoder
-from almak.modeling.surgery import QuantConfig, quantize_, sparsify_, target_linears
+from almak.modeling.devices import release_freed_memory
+from almak.modeling.surgery import QuantConfig, quantize_, set_module, sparsify_, target_linears
 from almak.sparse.masks import apply_mask_, nm_mask
 
 __all__ = ["BenchConfig", "run_bench", "bench_once", "summarize", "device_name", "SHAPES", "SHAPE_VARIANTS",
@@ -44,24 +45,51 @@ SHAPES = {
 }
 
 
-def random_model(shape: str, dtype: torch.dtype, device: str, layers: int | None = None, seed: int = 0):
-    """A LlamaForCausalLM with ``shape``'s exact dimensions and random weights (std 0.02), built on ``device``.
+def random_model(shape: str, dtype: torch.dtype, device: str, layers: int | None = None, seed: int = 0,
+                 variant: str = "float"):
+    """A LlamaForCausalLM with ``shape``'s exact dimensions and random weights (std 0.02; norms 1), built on
+    ``device`` as ``variant`` of :data:`SHAPE_VARIANTS`.
 
-    ``layers`` keeps only that many decoder layers (a quick run of the same layer shapes).
+    It is built projection by projection: each is drawn in float, turned into ``variant`` (:func:`make_variant`)
+    and only then is the next one drawn, so that the peak memory is the variant's model plus one float
+    projection, as when loading a checkpoint; every variant of one seed starts from the same weights.
+    ``layers`` keeps only that many decoder layers (a quick run of the same layer shapes). On the meta device
+    nothing is drawn (shapes only).
     """
+    from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if shape not in SHAPES:
         raise AlmakError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    if variant not in SHAPE_VARIANTS:
+        raise AlmakError(f"unknown variant {variant!r}; choose from {', '.join(SHAPE_VARIANTS)}")
     dims = dict(SHAPES[shape])
     if layers is not None:
         if not 1 <= layers <= dims["num_hidden_layers"]:
             raise AlmakError(f"--layers must be between 1 and {dims['num_hidden_layers']} for {shape}, got {layers}")
         dims["num_hidden_layers"] = layers
     config = LlamaConfig(**dims, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device, buffers (rotary) real
+        model = LlamaForCausalLM(config)
+    if torch.device(device).type == "meta":
+        return model.to(dtype).eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    projections = {name for name, _ in target_linears(model)}
+    for name in [n for n, _ in model.named_modules()]:  # names only: a list of modules would keep every float
+        module = model.get_submodule(name)
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if "norm" in name.rsplit(".", 1)[-1]:
+                value = torch.ones(p.shape, dtype=dtype, device=device)
+            else:
+                value = torch.randn(p.shape, generator=generator, dtype=dtype, device=device).mul_(0.02)
+            module._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
+        if name in projections and variant != "float":
+            leaf = name.rsplit(".", 1)[-1]
+            holder = torch.nn.Module()  # make_variant finds the projection by its name
+            holder.add_module(leaf, module)
+            set_module(model, name, getattr(make_variant(holder, variant), leaf))
+            del holder, module
+            release_freed_memory()
     return model.eval()
 
 

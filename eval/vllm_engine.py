@@ -44,7 +44,7 @@ from almak.eval.metrics import NLL
 from almak.eval.prompts import Prompt
 from almak.files import write_dir_atomic
 from almak.modeling.load import (ADAPTERS, ALIASES, cache_dir, load_model, looks_like_hub_id, materialize_alias,
-                                 unknown_model)
+                                 merged_adapter, unknown_model)
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,15 @@ def _expected_warning(record: logging.LogRecord) -> bool:
 def model_folder(ref: str) -> Path | str:
     """What vLLM loads for an almak model reference: a folder (or a hub id, which vLLM fetches itself).
 
-    Aliases map to their cached folder; adapters (merged into their base) and .gguf files are written once as a
-    plain safetensors folder under ``$ALMAK_CACHE/vllm``, named by a digest of their files.
+    Aliases map to their cached folder, adapters to their merged folder (:func:`almak.modeling.load.merged_adapter`,
+    as almak loads them); .gguf files are written once as a plain safetensors folder under ``$ALMAK_CACHE/vllm``,
+    named by a digest of the file's name, size and modification time.
     """
     path = Path(ref).expanduser()
     if ref in ALIASES:
         return materialize_alias(ref)
     if ref in ADAPTERS or (path.is_dir() and (path / "adapter_config.json").is_file()):
-        source = ADAPTERS.get(ref, path)
-        return _converted(ref, sorted(p for p in Path(source).iterdir() if p.is_file()))
+        return merged_adapter(ADAPTERS.get(ref, path), ref)
     if path.is_file() and path.suffix == ".gguf":
         return _converted(ref, [path])
     if path.is_dir():
@@ -110,8 +110,8 @@ def model_folder(ref: str) -> Path | str:
 
 
 def _converted(ref: str, files: list[Path]) -> Path:
-    """The plain folder almak's own loader makes of ``ref`` (merged adapter, dequantized GGUF), written once and
-    found again by the name, size and modification time of ``files``."""
+    """The plain folder almak's own loader makes of ``ref`` (a dequantized GGUF), written once and found again
+    by the name, size and modification time of ``files``."""
     import transformers
 
     digest = hashlib.sha256()

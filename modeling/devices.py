@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import platform
+import subprocess
+from pathlib import Path
+
 import torch
 
 from almak.errors import AlmakError
@@ -16,6 +21,63 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise AlmakError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+@functools.cache
+def cpu_bf16_support() -> str | None:
+    """The CPU feature that gives this machine native bfloat16 arithmetic, or None: ``amx_bf16`` or
+    ``avx512_bf16`` (x86, from /proc/cpuinfo's flags), ``bf16`` (Arm: Linux's Features, macOS's FEAT_BF16).
+    Without one, PyTorch emulates bfloat16 through float32 and runs it slower than float32."""
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                 timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return "bf16" if out == "1" else None
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return next((f for f in ("amx_bf16", "avx512_bf16", "bf16") if f in flags), None)
+
+
+def inference_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """(dtype, why) for translation and evaluation: ``auto`` is bfloat16 on a CPU with native bfloat16
+    arithmetic (:func:`cpu_bf16_support`), float32 on other CPUs, float16 on GPUs; other values stay."""
+    if dtype != "auto":
+        return dtype, "asked for"
+    if torch.device(device).type != "cpu":
+        return "float16", "auto on a GPU"
+    feature = cpu_bf16_support()
+    if feature:
+        return "bfloat16", f"auto: this CPU has {feature}"
+    return "float32", "auto: this CPU has no native bfloat16"
+
+
+@functools.cache
+def _libc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's freed memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). PyTorch's CPU
+    temporaries of a few MB come from the heap, which keeps them after they are freed: while a model is built
+    projection by projection, that retention grows the process by hundreds of MB over the model it holds."""
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def check_device(device: str) -> torch.device:

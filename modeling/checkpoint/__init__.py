@@ -96,16 +96,17 @@ from almak.modeling.checkpoint.pack_quantized import (
 )
 from almak.modeling.checkpoint.sparse24_bitmask import CT_SPARSE_FORMAT, CT_SPARSE_LAYOUT_VERSION, ct_sparsity_config
 from almak.modeling.checkpoint.vllm import vllm_limits, vllm_notes, vllm_refusals, vllm_summary
-from almak.modeling.devices import check_device, resolve_dtype
+from almak.modeling.devices import check_device, release_freed_memory, resolve_dtype
 from almak.modeling.sparse_linear import Sparse24Linear
-from almak.modeling.surgery import sparsify_
+from almak.modeling.quant_linear import QuantLinear
+from almak.modeling.surgery import QuantConfig, set_module, sparsify_, target_linears
 
 __all__ = [
     "save_quantized", "save_pruned", "load_quantized", "read_recipe", "is_compressed_checkpoint",
     "is_gptq_checkpoint", "vllm_limits", "vllm_notes", "vllm_refusals", "vllm_summary", "checkpoint_quantization_config", "ct_quantization_config",
     "ct_sparsity_config", "pack_rows", "unpack_rows", "WEIGHTS_FILE", "RECIPE_FILE", "SPARSITY_REPORT_FILE",
     "CT_FORMAT", "CT_LAYOUT_VERSION", "CT_SPARSE_FORMAT", "CT_SPARSE_LAYOUT_VERSION", "SPARSE_FORMATS",
-    "SPARSITY_KEY", "declared_24", "swap_declared_24",
+    "SPARSITY_KEY", "declared_24", "swap_declared_24", "load_quantizing",
 ]
 
 log = logging.getLogger(__name__)
@@ -326,39 +327,16 @@ def swap_declared_24(model: nn.Module, names: list[str], folder: Path) -> None:
         log.warning("%s: %d layers declared 2:4 are not 2:4 (%s, ...); loading them dense", folder, len(left), left[0])
 
 
-def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch.float32):
-    """Load a compressed-tensors ``pack-quantized`` / ``sparse-24-bitmask`` or a GPTQ checkpoint into
-    QuantLinear, Sparse24Linear and Sparse24QuantLinear layers (never through a float copy of their weights).
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
 
-    Returns ``(model, tokenizer)``: the model in eval mode on ``device``, its float tensors (and the layers'
-    scales) in ``dtype``; the tokenizer padded on the left, as :func:`almak.modeling.load.load_model` does
-    (None, with a warning, for a folder saved without one).
 
-    >>> model, tok = load_quantized("out/smollm-w4")     # doctest: +SKIP
-    """
+def _fill_skeleton(model: nn.Module, tensors: Tensors, used: set | list, folder: Path, dev: torch.device,
+                   dtype: torch.dtype):
+    """The rest of a :func:`_skeleton` model's tensors from ``tensors`` (those not in ``used``), tied, 2:4 layers
+    swapped in where config.json declares them, on ``dev`` in ``dtype``; and the folder's tokenizer."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise AlmakError(f"{folder} is not a folder")
-    read_config(folder)
-    dev = check_device(device)
-    if isinstance(dtype, str):
-        dtype = resolve_dtype(dtype, device)
-    qc = quant_config(folder)
-    if is_compressed_checkpoint(folder):
-        loader = pack_quantized.load_layers
-    elif is_gptq_checkpoint(folder):
-        loader = gptq.load_layers
-    else:
-        method = qc.get("quant_method")
-        what = f"its quantization_config is {method!r}" if method else "it has no quantization_config"
-        raise AlmakError(f"{folder} is not a compressed-tensors pack-quantized / sparse-24-bitmask or GPTQ "
-                         f"checkpoint ({what}); "
-                         "load float models with almak.modeling.load.load_model")
-    tensors = Tensors(folder)
-    model = _skeleton(folder)
-    used = loader(model, tensors, qc, folder)
     rest_keys = [k for k in tensors if k not in used]
     # Older transformers saved the rotary frequencies; the model computes its own.
     unknown = [k for k in rest_keys if not k.endswith("rotary_emb.inv_freq")]
@@ -367,7 +345,8 @@ def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch
     if extra:
         raise AlmakError(f"{folder}: tensors the model has no place for: {', '.join(extra[:5])}"
                          + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
-    model.load_state_dict({k: tensors.get(k) for k in unknown}, strict=False, assign=True)
+    # each tensor cast as it is read: never the whole float32 model beside its ``dtype`` copy
+    model.load_state_dict({k: _cast(tensors.get(k), dtype) for k in unknown}, strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     missing += [n for n, b in model.named_buffers(remove_duplicate=False) if b.is_meta]
@@ -390,6 +369,90 @@ def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch
             tokenizer.pad_token = tokenizer.eos_token
     else:
         log.warning("%s holds no tokenizer; returning None for it", folder)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def load_quantizing(folder, config: QuantConfig, device: str = "cpu", dtype: torch.dtype | str = torch.float32):
+    """Load a float safetensors folder with its decoder-layer projections quantized round-to-nearest as they are
+    read, one at a time, so that the peak memory is the quantized model's plus one float projection (loading
+    the float model and then :func:`~almak.modeling.surgery.quantize_` holds all of it first). The result is
+    :func:`~almak.modeling.surgery.quantize_`'s on the model loaded in ``dtype``, bit for bit.
+
+    Returns ``(model, tokenizer, summary)``; the summary as :func:`~almak.modeling.surgery.quantize_` returns it.
+    """
+    folder = Path(folder).expanduser()
+    dev = check_device(device)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
+    tensors = Tensors(folder)
+    model = _skeleton(folder)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    sparse = set(declared_24(folder))  # become 2:4 layers, which quantize_ keeps as they are
+    used, done, skipped = [], [], {}
+    for name, module in target_linears(model, config.include_lm_head):
+        key = f"{name}.weight"
+        if name in sparse:
+            skipped[name] = "Sparse24Linear is not an nn.Linear"
+            continue
+        if not isinstance(module, nn.Linear) or key not in tensors:
+            continue  # filled, or refused, with the rest
+        if config.bits == 4 and module.in_features % 8:
+            skipped[name] = f"in_features={module.in_features} is not a multiple of 8"
+            continue
+        if name == "lm_head" and tied:
+            skipped[name] = "its weight is tied to the input embeddings"
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(tensors.get(key).to(dtype), requires_grad=False)
+        if not torch.isfinite(linear.weight).all():
+            raise AlmakError(f"{name} has NaN or inf weights")
+        used.append(key)
+        if module.bias is not None and f"{name}.bias" in tensors:
+            linear.bias = nn.Parameter(tensors.get(f"{name}.bias").to(dtype), requires_grad=False)
+            used.append(f"{name}.bias")
+        set_module(model, name, QuantLinear.from_float(linear, config.bits, config.group_size, config.sym))
+        done.append(name)
+        del linear
+        release_freed_memory()  # the float projection's and its quantization's temporaries
+    if not done:
+        raise AlmakError("the model has no decoder-layer projections (q/k/v/o/gate/up/down_proj) to quantize")
+    model, tokenizer = _fill_skeleton(model, tensors, used, folder, dev, dtype)
+    return model, tokenizer, {"quantized": done, "skipped": skipped}
+
+
+def load_quantized(folder, device: str = "cpu", dtype: torch.dtype | str = torch.float32):
+    """Load a compressed-tensors ``pack-quantized`` / ``sparse-24-bitmask`` or a GPTQ checkpoint into
+    QuantLinear, Sparse24Linear and Sparse24QuantLinear layers (never through a float copy of their weights).
+
+    Returns ``(model, tokenizer)``: the model in eval mode on ``device``, its float tensors (and the layers'
+    scales) in ``dtype``; the tokenizer padded on the left, as :func:`almak.modeling.load.load_model` does
+    (None, with a warning, for a folder saved without one).
+
+    >>> model, tok = load_quantized("out/smollm-w4")     # doctest: +SKIP
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise AlmakError(f"{folder} is not a folder")
+    read_config(folder)
+    dev = check_device(device)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
+    qc = quant_config(folder)
+    if is_compressed_checkpoint(folder):
+        loader = pack_quantized.load_layers
+    elif is_gptq_checkpoint(folder):
+        loader = gptq.load_layers
+    else:
+        method = qc.get("quant_method")
+        what = f"its quantization_config is {method!r}" if method else "it has no quantization_config"
+        raise AlmakError(f"{folder} is not a compressed-tensors pack-quantized / sparse-24-bitmask or GPTQ "
+                         f"checkpoint ({what}); "
+                         "load float models with almak.modeling.load.load_model")
+    tensors = Tensors(folder)
+    model = _skeleton(folder)
+    used = loader(model, tensors, qc, folder)
+    model, tokenizer = _fill_skeleton(model, tensors, used, folder, dev, dtype)
     log.info("loaded %s: %d quantized and %d 2:4 linears (%s)", folder, len(quant_layers(model)),
              len(sparse_layers(model)), "compressed-tensors" if loader is pack_quantized.load_layers else "GPTQ")
     return model, tokenizer

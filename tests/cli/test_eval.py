@@ -85,7 +85,7 @@ def test_quant_int8_on_load_keeps_perplexity():
     """int8 per-channel RTN: +0.65% reference perplexity on 200 WMT22 de-en sentences; 2% allowed on 20."""
     reports = {}
     for extra in ([], ["--quant", "int8"]):
-        result = CliRunner().invoke(main, ["eval", "--limit", "20", "--metrics", "nll", "--device", "cpu",
+        result = CliRunner().invoke(main, ["eval", "--limit", "20", "--metrics", "nll", "--device", "cpu", "--dtype", "float32",
                                            "--format", "json", *extra])
         assert result.exit_code == 0, result.output
         reports[bool(extra)] = json.loads(result.stdout)

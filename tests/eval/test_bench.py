@@ -76,6 +76,55 @@ def test_make_variant_swaps_every_projection(tiny, variant, kind):
         torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
 
 
+TOY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           vocab_size=100, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("variant", ["int4", "2:4-int4"])
+def test_random_variants_are_built_projection_by_projection(monkeypatch, variant):
+    """random_model turns each projection into the variant as soon as it is drawn: never more than two drawn
+    float projections alive at once (14 in all), and the same weights as the float model of the same seed made
+    into that variant afterwards."""
+    import gc
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from almak.eval import bench
+    from almak.modeling.surgery import target_linears
+
+    monkeypatch.setitem(bench.SHAPES, "toy", TOY)
+    float_model = bench.random_model("toy", torch.float32, "cpu")
+    shapes = {tuple(m.weight.shape) for _, m in target_linears(float_model)}
+    gc.collect()
+    before = {id(m) for m in gc.get_objects() if type(m) is torch.nn.Linear}  # this test's float model, others'
+
+    class Live(TorchDispatchMode):
+        """At each projection drawn, counts the float nn.Linear projections alive (gc-tracked modules)."""
+
+        def __init__(self):
+            super().__init__()
+            self.most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.randn.generator and tuple(out.shape) in shapes:
+                gc.collect()  # reachable ones only
+                alive = [m for m in gc.get_objects() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+                         and id(m) not in before]
+                self.most = max(self.most, len(alive))
+            return out
+
+    with Live() as live:
+        model = bench.random_model("toy", torch.float32, "cpu", variant=variant)
+    assert live.most <= 2
+    expected = bench.make_variant(float_model, variant)
+    for (name, got), (_, want) in zip(target_linears(model), target_linears(expected)):
+        assert type(got) is type(want)
+        for (key, a), (_, b) in zip(sorted(got.state_dict().items()), sorted(want.state_dict().items())):
+            assert torch.equal(a, b), (name, key)
+    assert torch.equal(model.model.embed_tokens.weight, float_model.model.embed_tokens.weight)
+
+
 def test_make_variant_refuses_unknown():
     with pytest.raises(AlmakError, match="unknown variant 'int3'"):
         from almak.eval.bench import make_variant

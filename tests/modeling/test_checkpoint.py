@@ -70,6 +70,40 @@ def test_round_trip_is_exact(tiny, tmp_path, scheme):
     assert no_leftovers(tmp_path, ["ckpt"])
 
 
+class _FloatTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every float tensor an aten op writes off the meta device: every op but the bare
+    allocations (``empty``: nn.Linear's, which accelerate's init_empty_weights moves to the meta device before
+    anything is written; an initialization, copy or dequantization into them would show)."""
+
+    BARE = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if (func not in self.BARE and isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.device.type != "meta"):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("scheme", ["int4-sym-g32", "int8-sym-channel"])
+def test_loading_never_builds_the_float_weights(tiny, tmp_path, scheme):
+    """load_quantized builds the model on the meta device and fills its quantized layers from the file's codes:
+    no float tensor of any quantized layer's weight shape is ever made (nor one of its transpose)."""
+    model = quantized(tiny, *SCHEMES[scheme])
+    out = save_quantized(model, tiny.tokenizer, tmp_path / "ckpt", RECIPE)
+    weights = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, QuantLinear)}
+    with _FloatTensors() as seen:
+        loaded, _ = load_quantized(out)
+    assert len(quant_buffers(loaded)) >= 14 and len(weights) >= 3
+    assert not {s for s in seen.shapes if s in weights or s[::-1] in weights}
+    assert (len(tiny.tokenizer), 96) in seen.shapes  # the watch sees the float tensors that are loaded
+
+
 def test_folder_contents(tiny, tmp_path):
     from safetensors import safe_open
 

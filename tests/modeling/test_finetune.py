@@ -89,9 +89,12 @@ def test_a_few_steps_lower_the_loss(tiny_llama_dir, pairs_file, tmp_path, full, 
     assert recipe["config"]["lr"] == config.learning_rate
 
 
-def test_adapter_loads_merged_with_the_same_logits(tiny_llama_dir, pairs_file, tmp_path):
+def test_adapter_loads_merged_with_the_same_logits(tiny_llama_dir, pairs_file, tmp_path, monkeypatch):
+    """The adapter loads merged into its base, the merge cached: the second load reads the merged folder, and an
+    adapter written again is merged again."""
     from peft import PeftModel
 
+    monkeypatch.setenv("ALMAK_CACHE", str(tmp_path / "cache"))
     lm = fresh(tiny_llama_dir)
     out = tmp_path / "ft"
     result = finetune(lm.model, lm.tokenizer, "alma", small(pairs_file), out)
@@ -108,6 +111,16 @@ def test_adapter_loads_merged_with_the_same_logits(tiny_llama_dir, pairs_file, t
     assert not torch.allclose(trained, base, atol=1e-3)  # the adapter changed the model
     torch.testing.assert_close(peft_loaded, trained, rtol=0, atol=1e-6)  # same computation, reloaded
     torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-4)  # merging into W reorders fp32 sums
+    cached = list((tmp_path / "cache" / "merged").iterdir())
+    assert len(cached) == 1 and load_model(str(out), device="cpu").path == str(cached[0])
+    with torch.no_grad():  # a changed adapter (here: its LoRA B doubled) is merged anew, not read from the cache
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(out / "adapter_model.safetensors")
+        save_file({k: v * 2 if "lora_B" in k else v for k, v in tensors.items()}, out / "adapter_model.safetensors")
+        again = load_model(str(out), device="cpu")
+        assert again.path != str(cached[0]) and len(list((tmp_path / "cache" / "merged").iterdir())) == 2
+        assert not torch.allclose(again.model(input_ids=ids).logits, merged, atol=1e-4)
 
 
 def test_batch_plan_deals_each_steps_examples_once(tiny_llama_dir):

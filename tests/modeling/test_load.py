@@ -50,3 +50,36 @@ def test_hub_id_unreachable_says_so(monkeypatch, tmp_path):
 def test_refusals(tmp_path, make, message):
     with pytest.raises(AlmakError, match=message):
         load_model(str(make(tmp_path)))
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (8, -1)])
+def test_quant_on_load_reads_one_projection_at_a_time(tiny_llama_dir, monkeypatch, bits, group_size):
+    """load_model(quant=...) on a safetensors folder quantizes each projection as it is read: when a projection
+    is quantized, no other float projection is held (loading the float model first would hold all 14), and
+    the result is quantize_ after loading, bit for bit."""
+    import gc
+
+    import torch
+
+    from almak.modeling.quant_linear import QuantLinear
+    from almak.modeling.surgery import QuantConfig, quantize_
+
+    config = QuantConfig(bits=bits, group_size=group_size)
+    expected = load_model(str(tiny_llama_dir), dtype="float32")
+    summary = quantize_(expected.model, config)
+    gc.collect()
+    theirs = {id(m) for m in gc.get_objects() if type(m) is torch.nn.Linear}  # expected's, and other tests' models
+    held, from_float = [], QuantLinear.from_float.__func__
+
+    def watched(cls, linear, *args, **kwargs):
+        gc.collect()
+        held.append(sum(1 for m in gc.get_objects() if type(m) is torch.nn.Linear and id(m) not in theirs
+                        and m.weight.device.type == "cpu" and m is not linear))
+        return from_float(cls, linear, *args, **kwargs)
+
+    monkeypatch.setattr(QuantLinear, "from_float", classmethod(watched))
+    lm = load_model(str(tiny_llama_dir), dtype="float32", quant=config)
+    assert len(held) == 14 and max(held) == 0
+    assert lm.quantized == summary
+    got, want = lm.model.state_dict(), expected.model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

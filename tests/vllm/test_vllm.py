@@ -62,7 +62,8 @@ def vllm_eval(model, out: Path, *extra) -> tuple[dict, list[str]]:
 
 
 def almak_eval(model, out: Path, *extra) -> tuple[dict, list[str]]:
-    result = CliRunner().invoke(main, ["eval", str(model), *EVAL, *extra, "--out", str(out)])
+    """almak's own loop in float32 (the reference; --dtype auto would be bfloat16 on a CPU with native bf16)."""
+    result = CliRunner().invoke(main, ["eval", str(model), *EVAL, "--dtype", "float32", *extra, "--out", str(out)])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout), (out / "hyps.txt").read_text(encoding="utf-8").splitlines()
 
