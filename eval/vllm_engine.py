@@ -42,9 +42,8 @@ from almak.errors import AlmakError
 from almak.eval.generate import GenerationConfig, LineStop, TranslationResult, stop_ids
 from almak.eval.metrics import NLL
 from almak.eval.prompts import Prompt
-from almak.files import write_dir_atomic
 from almak.modeling.load import (ADAPTERS, ALIASES, cache_dir, load_model, looks_like_hub_id, materialize_alias,
-                                 merged_adapter, unknown_model)
+                                 merged_adapter, save_cached_model, unknown_model)
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +124,7 @@ def _converted(ref: str, files: list[Path]) -> Path:
         return target
     log.info("writing %s for vLLM (first use only)", target)
     lm = load_model(ref, device="cpu", dtype="float32")
-    try:
-        write_dir_atomic(target, lambda tmp: (lm.model.save_pretrained(tmp), lm.tokenizer.save_pretrained(tmp)))
-    except OSError:
-        if not (target / "config.json").is_file():  # a concurrent process may have won the race
-            raise
-    return target
+    return save_cached_model(target, lm.model, lm.tokenizer)
 
 
 def folder_weight_bytes(folder: Path, dtype: str) -> int | None:

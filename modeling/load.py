@@ -103,10 +103,16 @@ def materialize_alias(alias: str) -> Path:
     gguf = alias_gguf(alias)
     log.info("converting %s to %s (first use only)", gguf, target)
     model, tokenizer = _plain_model_from_gguf(gguf)
+    return save_cached_model(target, model, tokenizer)
+
+
+def save_cached_model(target: Path, model, tokenizer) -> Path:
+    """``model`` and ``tokenizer`` saved as the cache folder ``target`` (written atomically; a concurrent process
+    that wrote it first wins)."""
     try:
         write_dir_atomic(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     except OSError:
-        if not (target / "config.json").is_file():  # a concurrent process may have won the race
+        if not (target / "config.json").is_file():
             raise
     return target
 
@@ -262,12 +268,7 @@ def merged_adapter(path: Path, ref: str) -> Path:
         return target
     log.info("merging %s into %s, cached in %s (first use only)", ref, base_ref, target)
     lm = _merge_adapter(path, ref, base_ref)
-    try:
-        write_dir_atomic(target, lambda tmp: (lm.model.save_pretrained(tmp), lm.tokenizer.save_pretrained(tmp)))
-    except OSError:
-        if not (target / "config.json").is_file():  # a concurrent process may have won the race
-            raise
-    return target
+    return save_cached_model(target, lm.model, lm.tokenizer)
 
 
 def _merge_adapter(path: Path, ref: str, base_ref: str) -> LoadedModel:
