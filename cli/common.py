@@ -155,7 +155,7 @@ def load_for_engine(model, device, dtype, prompt_family, qconfig, gen: Generatio
         raise AlmakError(f"this vLLM build runs on {engine.device}, not {device}: drop --device (vLLM's build "
                          "decides where it runs)")
     lm = LoadedModel(engine, engine.tokenizer, model or DEFAULT_MODEL, str(engine.folder),
-                     "auto: vLLM's default on the CPU" if dtype == "auto" else "asked for")
+                     "auto: bfloat16 with --engine vllm" if dtype == "auto" else "asked for")
     return lm, prompt_family or guess_family(lm.ref, lm.tokenizer)
 
 
