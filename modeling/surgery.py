@@ -61,6 +61,22 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def kept_reason(module: nn.Module, bits: int, tied: bool) -> str | None:
+    """Why :func:`quantize_` keeps ``module`` as it is (``tied``: its weight is the input embeddings'), or None."""
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not an nn.Linear"
+    if bits == 4 and module.in_features % 8:
+        return f"in_features={module.in_features} is not a multiple of 8"
+    if tied:
+        return "its weight is tied to the input embeddings"
+    return None
+
+
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise AlmakError(f"{name} has NaN or inf weights")
+
+
 def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Callable[[str, nn.Module], bool] | None = None
               ) -> dict:
     """Replace, in place, each targeted ``nn.Linear`` with a round-to-nearest ``QuantLinear``.
@@ -74,15 +90,9 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Callable[[str, n
     tied = {id(p) for n, p in model.named_parameters() if "embed" in n}
     done, skipped = [], {}
     for name, module in targets:
-        reason = None
-        if not isinstance(module, nn.Linear):
-            reason = f"{type(module).__name__} is not an nn.Linear"
-        elif config.bits == 4 and module.in_features % 8:
-            reason = f"in_features={module.in_features} is not a multiple of 8"
-        elif id(module.weight) in tied:
-            reason = "its weight is tied to the input embeddings"
-        if reason is None and not torch.isfinite(module.weight).all():
-            raise AlmakError(f"{name} has NaN or inf weights")
+        reason = kept_reason(module, config.bits, id(getattr(module, "weight", None)) in tied)
+        if reason is None:
+            check_finite(name, module.weight)
         if reason:
             log.info("kept %s: %s", name, reason)
             skipped[name] = reason

@@ -99,7 +99,7 @@ from almak.modeling.checkpoint.vllm import vllm_limits, vllm_notes, vllm_refusal
 from almak.modeling.devices import check_device, release_freed_memory, resolve_dtype
 from almak.modeling.sparse_linear import Sparse24Linear
 from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.surgery import QuantConfig, set_module, sparsify_, target_linears
+from almak.modeling.surgery import QuantConfig, check_finite, kept_reason, set_module, sparsify_, target_linears
 
 __all__ = [
     "save_quantized", "save_pruned", "load_quantized", "read_recipe", "is_compressed_checkpoint",
@@ -397,16 +397,13 @@ def load_quantizing(folder, config: QuantConfig, device: str = "cpu", dtype: tor
             continue
         if not isinstance(module, nn.Linear) or key not in tensors:
             continue  # filled, or refused, with the rest
-        if config.bits == 4 and module.in_features % 8:
-            skipped[name] = f"in_features={module.in_features} is not a multiple of 8"
-            continue
-        if name == "lm_head" and tied:
-            skipped[name] = "its weight is tied to the input embeddings"
+        reason = kept_reason(module, config.bits, name == "lm_head" and tied)
+        if reason:
+            skipped[name] = reason
             continue
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         linear.weight = nn.Parameter(tensors.get(key).to(dtype), requires_grad=False)
-        if not torch.isfinite(linear.weight).all():
-            raise AlmakError(f"{name} has NaN or inf weights")
+        check_finite(name, linear.weight)
         used.append(key)
         if module.bias is not None and f"{name}.bias" in tensors:
             linear.bias = nn.Parameter(tensors.get(f"{name}.bias").to(dtype), requires_grad=False)
