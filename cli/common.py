@@ -8,6 +8,7 @@ import click
 
 from almak.errors import AlmakError
 from almak.eval.generate import ENGINES, GenerationConfig
+from almak.eval.metrics import BLEU_TOKENIZERS
 from almak.eval.prompts import guess_family
 from almak.modeling.checkpoint import SPARSE_FORMATS
 from almak.modeling.finetune import GROUP_STEPS
@@ -40,6 +41,15 @@ def model_options(f):
                      help="Quantize the decoder-layer projections at load time (round to nearest, symmetric).")(f)
     f = click.argument("model", required=False)(f)
     return f
+
+
+def bleu_tokenize_option(f):
+    """--bleu-tokenize: sacrebleu's tokenizer for BLEU (eval and score)."""
+    return click.option(
+        "--bleu-tokenize", type=click.Choice(list(BLEU_TOKENIZERS)), default="auto", show_default=True,
+        help="sacrebleu's tokenizer for BLEU. auto follows sacrebleu and WMT: zh for Chinese, ja-mecab for Japanese "
+             "and ko-mecab for Korean targets (pip install 'almak[ja]' / 'almak[ko]'), 13a otherwise. The "
+             "signature in the report names the one used.")(f)
 
 
 def sparse_format_option(f):
@@ -173,7 +183,7 @@ def fmt(x, digits=2) -> str:
 
 def metric_rows(report: dict) -> list[tuple[str, str]]:
     rows = []
-    for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("comet", "COMET")):
+    for key, label in (("bleu", "BLEU"), ("spbleu", "spBLEU"), ("chrf", "chrF"), ("comet", "COMET")):
         if key in report:
             value = fmt(report[key], 4 if key == "comet" else 2)
             rows.append((label, value if report.get(f"{key}_error") is None else "n/a (see warning)"))

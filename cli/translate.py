@@ -13,14 +13,17 @@ from almak.eval.data import read_lines
 from almak.eval.evaluate import check_new_output
 from almak.eval.generate import GenerationConfig
 from almak.eval.generate import translate as run_translate
-from almak.eval.prompts import Prompt, language_name
+from almak.eval.languages import language_name
+from almak.eval.prompts import Prompt
 from almak.files import write_text_atomic
 
 
 @click.command()
 @model_options
-@click.option("--src", required=True, help="Source language code (de, cs, is, zh, ru, en, ja, uk, fr, ...).")
-@click.option("--tgt", required=True, help="Target language code.")
+@click.option("--src", required=True,
+              help="Source language: an ISO 639-1 or 639-3 code (de, yo, yor) or a FLORES-200 code (yor_Latn, "
+                   "zho_Hant); every FLORES-200 language is known.")
+@click.option("--tgt", required=True, help="Target language, coded as --src.")
 @click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False), default="-",
               show_default=True, help="Source sentences, one per line ('-' is stdin).")
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), default="-",
@@ -38,6 +41,7 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
     \b
     Example:
       echo "Die Ware hat unter 20 Euro gekostet." | almak translate --src de --tgt en
+      almak translate LLaMAX/LLaMAX3-8B-Alpaca --src yor_Latn --tgt eng_Latn -i in.yo -o out.en
     """
 
     language_name(src), language_name(tgt)  # refuse unknown codes before anything is loaded

@@ -3,6 +3,9 @@
 Formats read by :func:`load_testset`:
 
 - ``wmt22:de-en`` (and ru, zh <-> en): the WMT22 test sets bundled under ``data/wmt22``.
+- ``flores200:deu_Latn-yor_Latn`` (devtest) and ``flores200-dev:...`` (dev): FLORES-200 from a folder the user
+  has (``flores_dir``), in the dataset's own layout (``dev/deu_Latn.dev``, ``devtest/deu_Latn.devtest``) or with
+  the files side by side; either side may also be a short code (``de``), matched to the folder's files.
 - ALMA's files: a JSON array or JSON lines of ``{"translation": {"de": ..., "en": ...}}``; the
   direction comes from ``lang_pair`` or from a ``xx-yy`` in the file name.
 - Course-project JSONL: ``{"langs": "en-de", "src": ..., "ref": ...}`` (``mt``/``tgt`` there are system
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from almak.errors import AlmakError
-from almak.eval.prompts import parse_lang_pair
+from almak.eval.languages import lang_tag, language_name, parse_lang_pair
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 WMT22_PAIRS = ("de-en", "en-de", "ru-en", "en-ru", "zh-en", "en-zh")
@@ -93,8 +96,52 @@ def _pair_from_name(path: Path) -> str | None:
     return f"{m.group(1)}-{m.group(2)}" if m else None
 
 
-def load_testset(spec: str, lang_pair: str | None = None) -> TestSet:
-    """Load ``wmt22:de-en`` or a file (see the module docstring for formats)."""
+FLORES_SPLITS = {"flores200": "devtest", "flores200-dev": "dev"}
+
+
+def load_flores200(spec: str, folder: str | Path | None) -> TestSet:
+    """``flores200:deu_Latn-yor_Latn`` (devtest) or ``flores200-dev:...`` read from ``folder``."""
+    kind, pair = spec.split(":", 1)
+    split = FLORES_SPLITS[kind]
+    if folder is None:
+        raise AlmakError(f"{spec}: FLORES-200 is not bundled; pass the folder of the dataset (with dev/ and devtest/,"
+                         " as flores200_dataset unpacks) with --flores-dir or ALMAK_FLORES200")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AlmakError(f"FLORES-200 folder {str(folder)!r} does not exist")
+    files = {p.name[: -len(split) - 1]: p for d in (folder / split, folder) if d.is_dir()
+             for p in sorted(d.glob(f"*.{split}"))}
+    if not files:
+        raise AlmakError(f"{str(folder)!r} holds no FLORES-200 {split} files (looked for {split}/*.{split} and "
+                         f"*.{split})")
+    src, tgt = parse_lang_pair(pair)
+    sides = pair.split("-") if pair.count("-") == 1 else []
+    paths = []
+    for i, tag in enumerate((src, tgt)):
+        written = sides[i] if sides else tag
+        match = files.get(written) or next((p for code, p in files.items() if _tag_or_none(code) == tag), None)
+        if match is None:
+            raise AlmakError(f"{str(folder)!r} has no {split} file for {written!r} ({language_name(tag)}); it has "
+                             f"{', '.join(sorted(files))}")
+        paths.append(match)
+    sources, references = (read_lines(p, "FLORES-200 file") for p in paths)
+    if len(sources) != len(references):
+        raise AlmakError(f"{paths[0].name} has {len(sources)} lines but {paths[1].name} has {len(references)}")
+    return TestSet(spec, src, tgt, sources, references)
+
+
+def _tag_or_none(code: str) -> str | None:
+    try:
+        return lang_tag(code)
+    except AlmakError:
+        return None
+
+
+def load_testset(spec: str, lang_pair: str | None = None, flores_dir: str | Path | None = None) -> TestSet:
+    """Load ``wmt22:de-en``, ``flores200:deu_Latn-yor_Latn`` (from ``flores_dir``) or a file (see the module
+    docstring for formats)."""
+    if spec.split(":", 1)[0] in FLORES_SPLITS and ":" in spec:
+        return load_flores200(spec, flores_dir)
     if spec.startswith("wmt22:"):
         pair = spec.split(":", 1)[1]
         if pair not in WMT22_PAIRS:

@@ -27,12 +27,14 @@ log = logging.getLogger(__name__)
 class ScoreConfig:
     metrics: tuple[str, ...] = ("bleu", "chrf")
     comet_model: str = M.DEFAULT_COMET
+    bleu_tokenize: str = "auto"  # sacrebleu's tokenizer for BLEU; auto: by target language (metrics.bleu_tokenizer)
 
 
 @dataclass
 class EvalConfig:
     metrics: tuple[str, ...] = ("bleu", "chrf", "nll")
     comet_model: str = M.DEFAULT_COMET
+    bleu_tokenize: str = "auto"
     prompt: str = "alma"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
@@ -50,7 +52,9 @@ def score(sources: list[str], hyps: list[str], refs: list[str], src: str, tgt: s
         )
     report: dict = {"lang_pair": f"{src}-{tgt}", "n": len(hyps)}
     if "bleu" in config.metrics:
-        report["bleu"], report["bleu_signature"] = M.bleu(hyps, refs, tgt)
+        report["bleu"], report["bleu_signature"] = M.bleu(hyps, refs, tgt, config.bleu_tokenize)
+    if "spbleu" in config.metrics:
+        report["spbleu"], report["spbleu_signature"] = M.spbleu(hyps, refs, tgt)
     if "chrf" in config.metrics:
         report["chrf"], report["chrf_signature"] = M.chrf(hyps, refs)
     if "comet" in config.metrics:
@@ -101,7 +105,8 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
         result = translate(model, tokenizer, testset.sources, prompt, config.generation, tick("translate"))
         hyps = result.hypotheses
         report.update(score(testset.sources, hyps, testset.references, testset.src, testset.tgt,
-                            ScoreConfig(tuple(m for m in config.metrics if m != "nll"), config.comet_model)))
+                            ScoreConfig(tuple(m for m in config.metrics if m != "nll"), config.comet_model,
+                                        config.bleu_tokenize)))
         report["sentences_per_s"] = len(hyps) / result.seconds if result.seconds else None
         report["generated_tokens_per_s"] = result.generated_tokens / result.seconds if result.seconds else None
         report["translate_seconds"] = result.seconds

@@ -17,38 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from almak.errors import AlmakError
-
-LANGUAGES = {
-    "ar": "Arabic", "bn": "Bengali", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German",
-    "el": "Greek", "en": "English", "es": "Spanish", "et": "Estonian", "fa": "Persian", "fi": "Finnish",
-    "fr": "French", "ha": "Hausa", "he": "Hebrew", "hi": "Hindi", "hr": "Croatian", "hu": "Hungarian",
-    "id": "Indonesian", "is": "Icelandic", "it": "Italian", "ja": "Japanese", "ko": "Korean",
-    "lt": "Lithuanian", "lv": "Latvian", "nl": "Dutch", "no": "Norwegian", "pl": "Polish",
-    "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sk": "Slovak", "sl": "Slovenian",
-    "sv": "Swedish", "sw": "Swahili", "th": "Thai", "tr": "Turkish", "uk": "Ukrainian",
-    "vi": "Vietnamese", "zh": "Chinese",
-}
+from almak.eval.languages import language_name
 
 FAMILIES = ("alma", "tower", "llamax", "chat")
-
-
-def language_name(code: str) -> str:
-    """``language_name("de") == "German"``; unknown codes raise an AlmakError listing the known ones."""
-    try:
-        return LANGUAGES[code.lower()]
-    except KeyError:
-        known = ", ".join(sorted(LANGUAGES))
-        raise AlmakError(f"unknown language code {code!r}; known codes: {known}") from None
-
-
-def parse_lang_pair(pair: str) -> tuple[str, str]:
-    """``"de-en" -> ("de", "en")``, both codes checked."""
-    parts = pair.split("-")
-    if len(parts) != 2 or not all(parts):
-        raise AlmakError(f"language pair {pair!r} is not of the form src-tgt (for example de-en)")
-    src, tgt = (p.lower() for p in parts)
-    language_name(src), language_name(tgt)
-    return src, tgt
 
 
 def first_nonempty_line(text: str) -> str:

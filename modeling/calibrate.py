@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from almak.errors import AlmakError
 from almak.eval.data import DATA_DIR, read_json_records, read_lines
-from almak.eval.prompts import Prompt, parse_lang_pair
+from almak.eval.languages import parse_lang_pair
+from almak.eval.prompts import Prompt
 
 log = logging.getLogger(__name__)
 

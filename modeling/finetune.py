@@ -37,7 +37,8 @@ import almak
 from almak.errors import AlmakError
 from almak.eval.data import ALMA_DIRECTIONS, TestSet, alma_parallel, load_testset, read_json_records
 from almak.eval.metrics import NLL, reference_nll, target_logits, teacher_forcing_batch
-from almak.eval.prompts import Prompt, parse_lang_pair
+from almak.eval.languages import parse_lang_pair
+from almak.eval.prompts import Prompt
 from almak.files import ordinary_modes, temp_dir_beside, write_dir_atomic
 
 log = logging.getLogger(__name__)

@@ -103,3 +103,40 @@ def test_quant_int4_translate_and_bad_group_size():
     assert "quantized 210 linears to int4 sym g64" in result.stderr and result.stdout.strip()
     bad = CliRunner().invoke(main, ["eval", "--group-size", "64"])
     assert bad.exit_code == 1 and "--group-size needs --quant" in bad.output
+
+
+
+def test_flores200_testset_with_flores_codes(tiny_llama_dir, tmp_path):
+    """flores200:deu_Latn-eng_Latn from a folder in the dataset's layout, the direction named by FLORES codes: the
+    same report as the same three pairs given as a .tsv file."""
+    from pathlib import Path
+
+    flores = Path(__file__).resolve().parent.parent / "data" / "flores200"
+    common = ["eval", str(tiny_llama_dir), "--limit", "3", "--metrics", "nll", "--device", "cpu", "--dtype",
+              "float32", "--format", "json"]
+    result = CliRunner().invoke(main, [*common, "--testset", "flores200:deu_Latn-eng_Latn", "--flores-dir",
+                                       str(flores)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["testset"], report["lang_pair"], report["n"]) == ("flores200:deu_Latn-eng_Latn", "de-en", 3)
+    sources = (flores / "devtest" / "deu_Latn.devtest").read_text(encoding="utf-8").splitlines()[:3]
+    refs = (flores / "devtest" / "eng_Latn.devtest").read_text(encoding="utf-8").splitlines()[:3]
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("".join(f"{s}\t{r}\n" for s, r in zip(sources, refs)), encoding="utf-8")
+    same = CliRunner().invoke(main, [*common, "--testset", str(tsv), "--lang-pair", "deu_Latn-eng_Latn"])
+    assert same.exit_code == 0, same.output
+    assert json.loads(same.stdout)["nll"] == report["nll"]
+    other = CliRunner().invoke(main, [*common, "--testset", "wmt22:de-en"])
+    assert json.loads(other.stdout)["nll"] != report["nll"]
+
+
+def test_translate_yoruba_with_llamax_prompt(tiny_llama_dir):
+    from almak.eval.prompts import Prompt
+
+    for src, tgt in (("yo", "en"), ("yor_Latn", "eng_Latn")):
+        result = CliRunner().invoke(main, ["translate", str(tiny_llama_dir), "--src", src, "--tgt", tgt, "--prompt",
+                                           "llamax", "--num-beams", "1", "--max-new-tokens", "4", "--device", "cpu"],
+                                    input="Ẹ kú àárọ̀\n")
+        assert result.exit_code == 0, result.output
+        assert len(result.stdout.split("\n")) == 2
+    assert "from Yoruba to English" in Prompt("llamax", "yor_Latn", "eng_Latn").build("x")

@@ -96,3 +96,28 @@ def test_bad_input(tmp_path, case, message):
     assert result.exit_code == 1
     assert message in result.output
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_spbleu_without_its_model_is_refused_before_scoring(tmp_path, monkeypatch):
+    pytest.importorskip("sentencepiece")
+    import sacrebleu.tokenizers.tokenizer_spm as tokenizer_spm
+
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path / "empty"))
+    f = tmp_path / "x.txt"
+    f.write_text("a\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["score", "--src", str(f), "--hyp", str(f), "--ref", str(f), "--lang-pair",
+                                       "eng_Latn-yor_Latn", "--metrics", "spbleu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "spBLEU needs FLORES-200's SentencePiece model" in result.output
+
+
+def test_bleu_tokenize_choice_is_used(tmp_path):
+    f, g = tmp_path / "h.txt", tmp_path / "r.txt"
+    f.write_text("Die Katze sitzt auf der Matte.\n", encoding="utf-8")
+    g.write_text("Die Katze saß auf der Matte.\n", encoding="utf-8")
+    runs = {tok: CliRunner().invoke(main, ["score", "--src", str(f), "--hyp", str(f), "--ref", str(g), "--lang-pair",
+                                           "en-de", "--bleu-tokenize", tok, "--format", "json"]) for tok in ("13a", "char")}
+    reports = {tok: json.loads(r.stdout) for tok, r in runs.items()}
+    assert "tok:char" in reports["char"]["bleu_signature"] and "tok:13a" in reports["13a"]["bleu_signature"]
+    assert reports["char"]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(["Die Katze sitzt auf der Matte."],
+                                                    [["Die Katze saß auf der Matte."]], tokenize="char").score)

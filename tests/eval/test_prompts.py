@@ -1,7 +1,8 @@
 import pytest
 
 from almak.errors import AlmakError
-from almak.eval.prompts import Prompt, first_nonempty_line, guess_family, language_name, parse_lang_pair
+from almak.eval.languages import language_name, parse_lang_pair
+from almak.eval.prompts import Prompt, first_nonempty_line, guess_family
 
 
 def test_alma_template_is_exact():
