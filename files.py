@@ -2,7 +2,10 @@
 
 Everything almak writes (checkpoints, adapters, ``eval --out`` and ``bench --out`` folders, translations, the
 model cache) is first written under a temporary name beside its destination and renamed into place when
-complete, so that a crash never leaves half a file. Temporary files and folders are created private
+complete, so that a crash never leaves half a file. The temporary name, ``.<name>.tmp-<pid>-<random>`` (``.old-`` for the
+previous version during a replace), records the process that writes it: a process killed outright (SIGKILL, a
+power cut) leaves it behind, and the next write of the same destination deletes every one whose process is gone
+(:func:`clean_stale`). A Python exception or SIGINT removes it at once. Temporary files and folders are created private
 (``mkstemp`` gives 0600, ``mkdtemp`` 0700) and safetensors writes its files 0600, so before the rename
 :func:`ordinary_modes` gives every file and folder the mode a plain ``open()`` / ``mkdir()`` would have under
 the current umask (0644 / 0755 under umask 0022): a checkpoint handed to a server that runs as another user
@@ -14,13 +17,16 @@ can then be read, and a user whose umask is 0077 still gets private files.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["umask", "ordinary_modes", "temp_dir_beside", "publish_dir", "write_dir_atomic", "write_text_atomic"]
+__all__ = ["umask", "ordinary_modes", "clean_stale", "temp_dir_beside", "publish_dir", "write_dir_atomic",
+           "write_text_atomic"]
 
 
 def umask() -> int:
@@ -53,11 +59,46 @@ def ordinary_modes(path: Path) -> None:
                 dirs.remove(name)
 
 
+def _prefix(out: Path, kind: str = "tmp") -> str:
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Delete the temporary files and folders that writes of ``out`` by processes no longer running left beside it
+    (they were killed before they could clean up); returns what it deleted."""
+    out = Path(out)
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-")
+    gone = []
+    if not out.parent.is_dir():
+        return gone
+    for entry in out.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            gone.append(entry)
+    return gone
+
+
 def temp_dir_beside(out: Path) -> Path:
-    """A new empty private folder in ``out``'s parent (created if missing), to be renamed to ``out``."""
+    """A new empty private folder in ``out``'s parent (created if missing), to be renamed to ``out``; stale ones
+    of killed writers go first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale(out)
+    return Path(tempfile.mkdtemp(prefix=_prefix(out), dir=out.parent))
 
 
 def publish_dir(tmp: Path, out: Path) -> None:
@@ -66,23 +107,39 @@ def publish_dir(tmp: Path, out: Path) -> None:
     ordinary_modes(tmp)
     out = Path(out)
     if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=out.parent))
         os.replace(out, old / "x")
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:  # interrupted between the two renames: put the old version back
+            if not (out.exists() or out.is_symlink()):
+                os.replace(old / "x", out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
 
 
+def _remove_own(out: Path) -> None:
+    """Delete this process's temporary files and folders for ``out``, however far their making got (an interrupt
+    can land between ``mkdtemp`` returning and its caller holding the name)."""
+    for entry in out.parent.glob(f"{glob.escape(_prefix(out))}*"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def write_dir_atomic(out: Path, fill: Callable[[Path], None]) -> None:
     """Let ``fill`` write the files of ``out`` into a temporary folder beside it, then publish that folder as
     ``out`` (replacing what is there); on any error the temporary folder goes and ``out`` is untouched."""
-    tmp = temp_dir_beside(out)
+    out = Path(out)
     try:
+        tmp = temp_dir_beside(out)
         fill(tmp)
         publish_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_own(out)
         raise
 
 
@@ -90,12 +147,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to a temporary file beside ``path`` and rename it over ``path`` when complete,
     with the mode ``open()`` would give it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    clean_stale(path)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=_prefix(path), dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         ordinary_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove_own(path)
         raise

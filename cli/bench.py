@@ -103,7 +103,7 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
                          engine=engine_list[0], cuda_graphs=cuda_graphs)
     out = Path(out_dir) if out_dir else None
     if out:
-        check_new_output(out, overwrite)
+        check_new_output(out, overwrite, inputs=(*models, *reports))
     quality = {}
     for path in reports:
         try:

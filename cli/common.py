@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -10,12 +11,29 @@ from almak.errors import AlmakError
 from almak.eval.generate import ENGINES, GenerationConfig
 from almak.eval.metrics import BLEU_TOKENIZERS
 from almak.eval.prompts import guess_family
-from almak.modeling.checkpoint import SPARSE_FORMATS
+from almak.modeling.checkpoint import SPARSE_FORMATS, check_model_folder
+from almak.modeling.decoder import check_model_type
 from almak.modeling.finetune import GROUP_STEPS
 from almak.eval.vllm_engine import VllmEngine
 from almak.modeling.devices import check_device, inference_dtype
 from almak.modeling.load import DEFAULT_MODEL, LoadedModel, load_model
 from almak.modeling.surgery import QuantConfig
+
+
+class Finite(click.FloatRange):
+    """A float option in a range that is also finite: click's FloatRange lets nan through (every comparison with
+    nan is false) and inf where the range is open above."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # what numpy and torch's generators take
 
 
 def progress_bar(desc: str, total: int, unit: str = "sent"):
@@ -156,6 +174,9 @@ def load_for_engine(model, device, dtype, prompt_family, qconfig, gen: Generatio
     if gen.engine != "vllm":
         if tensor_parallel_size != 1:
             raise AlmakError("--tensor-parallel-size goes with --engine vllm")
+        folder = Path(model or "").expanduser()
+        if gen.engine == "almak" and (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists():
+            check_model_type(check_model_folder(folder).get("model_type"))  # refused before anything is loaded
         return load(model, device, dtype, prompt_family, qconfig)
     if qconfig:
         raise AlmakError("--quant quantizes almak's in-memory model, which vLLM does not run: write a checkpoint "

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from almak.cli.common import (
+    SEED,
+    Finite,
     fmt,
     peak_memory,
     print_table,
@@ -37,14 +39,14 @@ DISTILL_DEFAULTS = DistillConfig(steps=200)
                                        "the training directions].")
 @click.option("--valid-sentences", type=click.IntRange(min=0), default=DISTILL_DEFAULTS.valid_sentences,
               show_default=True, help="Validation sentences in all, shared between the directions; 0: none.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=DISTILL_DEFAULTS.alpha, show_default=True,
+@click.option("--alpha", type=Finite(0, 1), default=DISTILL_DEFAULTS.alpha, show_default=True,
               help="Weight of the KD term (KL to the teacher at --temperature); 1 - alpha weighs the references' "
                    "cross-entropy.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DISTILL_DEFAULTS.temperature,
+@click.option("--temperature", type=Finite(0, 100, min_open=True), default=DISTILL_DEFAULTS.temperature,
               show_default=True, help="Softmax temperature of both distributions in the KD term (scaled by T^2).")
 @click.option("--steps", type=click.IntRange(min=1), default=DISTILL_DEFAULTS.steps, show_default=True,
               help="Optimizer steps.")
-@click.option("--lr", type=float, default=None,
+@click.option("--lr", type=Finite(0, 1, min_open=True), default=None,
               help=f"Peak learning rate of everything that trains [default: {PRUNED_LR:g} for the kept weights of "
                    f"pruned layers, {SCALES_LR:g} for the scales of quantized ones].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DISTILL_DEFAULTS.batch_size, show_default=True,
@@ -54,13 +56,13 @@ DISTILL_DEFAULTS = DistillConfig(steps=200)
 @click.option("--max-len", type=click.IntRange(min=16), default=DISTILL_DEFAULTS.max_len, show_default=True,
               help="Tokens per example, prompt and target; longer targets are cut.")
 @training_speed_options
-@click.option("--warmup", type=float, default=DISTILL_DEFAULTS.warmup, show_default=True,
+@click.option("--warmup", type=Finite(0, 1), default=DISTILL_DEFAULTS.warmup, show_default=True,
               help="Fraction of the steps over which the learning rate rises linearly.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=DISTILL_DEFAULTS.eval_every, show_default=True,
               help="Steps between validations (also before the first and after the last step); 0: only those.")
 @click.option("--save-every", type=click.IntRange(min=0), default=DISTILL_DEFAULTS.save_every, show_default=True,
               help="Steps between checkpoints in --out/checkpoint (for --resume); 0: none.")
-@click.option("--seed", type=int, default=DISTILL_DEFAULTS.seed, show_default=True, help="Seed of the example order.")
+@click.option("--seed", type=SEED, default=DISTILL_DEFAULTS.seed, show_default=True, help="Seed of the example order.")
 @click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
               help="Prompt family of the examples; guessed from the teacher's name when omitted.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...; auto: cuda if present.")
@@ -97,7 +99,7 @@ def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, te
                            max_len=max_len, bf16=bf16, group_by_length=group_by_length, warmup=warmup,
                            eval_every=eval_every, save_every=save_every, seed=seed)
     out = Path(out_dir)
-    check_output(out, resume, overwrite)
+    check_output(out, resume, overwrite, inputs=(student, teacher, data, valid))
     if not Path(student).is_dir() or not ((Path(student) / "sparsity_report.json").is_file()
                                           or is_compressed_checkpoint(student) or is_gptq_checkpoint(student)):
         raise AlmakError(f"{student!r} is not an almak prune or almak quantize checkpoint folder")

@@ -69,7 +69,7 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, fl
     ts = load_testset(testset, lang_pair, flores_dir).head(limit)
     check_metrics(list(config.metrics), ts.tgt, bleu_tokenize)  # a missing tokenizer fails now, not after translating
     if out_dir:
-        check_new_output(Path(out_dir), overwrite)
+        check_new_output(Path(out_dir), overwrite, inputs=(model, testset, flores_dir))
     qconfig = quant_config(quant, group_size)
     lm, config.prompt = load_for_engine(model, device, dtype, prompt_family, qconfig, config.generation,
                                         tensor_parallel_size)

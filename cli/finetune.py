@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from almak.cli.common import (
+    SEED,
+    Finite,
     fmt,
     peak_memory,
     print_table,
@@ -41,13 +43,13 @@ FINETUNE_DEFAULTS = FinetuneConfig()
                                            "copies of the weights) and write a full model folder.")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None,
               help=f"Rank of the LoRA adapters [default: {FINETUNE_DEFAULTS.lora_rank}].")
-@click.option("--lora-alpha", type=float, default=None,
+@click.option("--lora-alpha", type=Finite(0, 4096, min_open=True), default=None,
               help=f"LoRA scale: updates are multiplied by alpha / rank [default: {FINETUNE_DEFAULTS.lora_alpha:g}].")
-@click.option("--lora-dropout", type=float, default=None,
+@click.option("--lora-dropout", type=Finite(0, 1, max_open=True), default=None,
               help=f"Dropout on the adapters' input [default: {FINETUNE_DEFAULTS.lora_dropout}].")
 @click.option("--steps", type=click.IntRange(min=1), default=FINETUNE_DEFAULTS.steps, show_default=True,
               help="Optimizer steps.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate, after a linear warmup and before a linear "
+@click.option("--lr", type=Finite(0, 1, min_open=True), default=None, help="Peak learning rate, after a linear warmup and before a linear "
                                                      "decay to 0 [default: 2e-4 for LoRA, 2e-5 with --full].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=FINETUNE_DEFAULTS.batch_size, show_default=True,
               help="Sequences per forward pass.")
@@ -56,13 +58,13 @@ FINETUNE_DEFAULTS = FinetuneConfig()
 @click.option("--max-len", type=click.IntRange(min=16), default=FINETUNE_DEFAULTS.max_len, show_default=True,
               help="Tokens per example, prompt and target; longer targets are cut.")
 @training_speed_options
-@click.option("--warmup", type=float, default=FINETUNE_DEFAULTS.warmup, show_default=True,
+@click.option("--warmup", type=Finite(0, 1), default=FINETUNE_DEFAULTS.warmup, show_default=True,
               help="Fraction of the steps over which the learning rate rises linearly.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=FINETUNE_DEFAULTS.eval_every, show_default=True,
               help="Steps between validations (also before the first and after the last step); 0: only those.")
 @click.option("--save-every", type=click.IntRange(min=0), default=FINETUNE_DEFAULTS.save_every, show_default=True,
               help="Steps between checkpoints in --out/checkpoint (for --resume); 0: none.")
-@click.option("--seed", type=int, default=FINETUNE_DEFAULTS.seed, show_default=True,
+@click.option("--seed", type=SEED, default=FINETUNE_DEFAULTS.seed, show_default=True,
               help="Seed of the example order, the adapters' initialisation and dropout.")
 @click.option("--prompt", "prompt_family", type=click.Choice(["alma", "tower", "llamax", "chat"]),
               help="Prompt family the examples are written in (alma ends answers with a newline, the others with "
@@ -105,7 +107,7 @@ def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lo
         steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, bf16=bf16,
         group_by_length=group_by_length, warmup=warmup, eval_every=eval_every, save_every=save_every, seed=seed)
     out = Path(out_dir)
-    check_output(out, resume, overwrite)
+    check_output(out, resume, overwrite, inputs=(model, data, valid))
     load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading the model
     device, dtype = training_device(device, dtype)
     lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)

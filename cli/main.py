@@ -22,15 +22,28 @@ from almak.errors import AlmakError
 from almak.kernels import TritonMissing
 
 
+class OneLineUsageError(click.UsageError):
+    """click's usage error (exit code 2) printed as one line that names the problem and where help is, instead
+    of the usage block, a hint and the error on three."""
+
+    def show(self, file=None) -> None:
+        where = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{where}", file=file or sys.stderr)
+
+
 class AlmakGroup(click.Group):
-    """Turns AlmakError (bad input) and a missing Triton into a one-line error and exit code 1, never a
-    traceback."""
+    """Turns AlmakError (bad input) and a missing Triton into a one-line error and exit code 1, and a bad option
+    into a one-line usage error and exit code 2; never a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except (AlmakError, TritonMissing) as e:
             raise click.ClickException(str(e)) from None
+        except click.UsageError as e:
+            if isinstance(e, OneLineUsageError):
+                raise
+            raise OneLineUsageError(e.format_message(), e.ctx) from None
         except KeyboardInterrupt:
             raise click.Abort() from None
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from almak.cli.common import (
+    SEED,
+    Finite,
     calibration_options,
     load_for_calibration,
     peak_memory,
@@ -32,7 +34,7 @@ PRUNE_DEFAULTS = PruneRecipe()
 @click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default=PRUNE_DEFAULTS.method,
               show_default=True, help="magnitude: |W|, no data. wanda: |W| x input norm (Sun et al. 2023). "
                                       "sparsegpt: OBS updates on the remaining weights (Frantar & Alistarh 2023).")
-@click.option("--sparsity", type=float, default=None,
+@click.option("--sparsity", type=Finite(0, 1, min_open=True, max_open=True), default=None,
               help=f"Unstructured: fraction of each output row to prune [default: {PRUNE_DEFAULTS.sparsity}].")
 @click.option("--pattern", default=None, help="N:M semi-structured pattern instead, e.g. 2:4 (keep 2 of every 4 "
                                               "along the input dimension; runs on almak's 2:4 kernel).")
@@ -42,8 +44,8 @@ PRUNE_DEFAULTS = PruneRecipe()
               help="wanda/sparsegpt calibration: alma, alma:de-en,en-de, a JSON/JSONL translation file or a text file.")
 @click.option("--nsamples", type=click.IntRange(min=1), default=PRUNE_DEFAULTS.nsamples, show_default=True)
 @click.option("--seqlen", type=click.IntRange(min=8), default=PRUNE_DEFAULTS.seqlen, show_default=True)
-@click.option("--seed", type=int, default=PRUNE_DEFAULTS.seed, show_default=True)
-@click.option("--damp", type=float, default=PRUNE_DEFAULTS.damp, show_default=True,
+@click.option("--seed", type=SEED, default=PRUNE_DEFAULTS.seed, show_default=True)
+@click.option("--damp", type=Finite(0, 1, min_open=True), default=PRUNE_DEFAULTS.damp, show_default=True,
               help="sparsegpt: dampening, as a fraction of the Hessian's mean diagonal.")
 @calibration_options
 @sparse_format_option
@@ -75,7 +77,7 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
                          pattern=pattern, skip=skip, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          damp=damp)
     out = Path(out_dir)
-    check_new_output(out, overwrite)
+    check_new_output(out, overwrite, inputs=(model, calib))
     lm, device = load_for_calibration(model, device, dtype)
     if any(not isinstance(m, torch.nn.Linear) for n, m in lm.model.named_modules()
            if n.rsplit(".", 1)[-1] in ("q_proj", "down_proj")):

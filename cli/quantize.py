@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from almak.cli.common import (
+    SEED,
+    Finite,
     calibration_options,
     load_for_calibration,
     peak_memory,
@@ -34,7 +36,7 @@ from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, q
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ: visit columns by decreasing Hessian diagonal (static groups: no g_idx at run time).")
-@click.option("--damp", type=float, default=0.01, show_default=True,
+@click.option("--damp", type=Finite(0, 1, min_open=True), default=0.01, show_default=True,
               help="GPTQ: dampening, as a fraction of the Hessian's mean diagonal.")
 @click.option("--calib", default="alma", show_default=True,
               help="GPTQ calibration: alma (bundled ALMA pairs, cs/de/is/ru/zh <-> en), alma:de-en,en-de, a "
@@ -43,7 +45,7 @@ from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, q
               help="GPTQ: calibration samples (one prompt + reference each).")
 @click.option("--seqlen", type=click.IntRange(min=8), default=512, show_default=True,
               help="GPTQ: tokens per calibration sample at most.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the calibration draw.")
 @click.option("--clip-search/--no-clip-search", default=None,
               help="GPTQ: each group's range is its min/max shrunk by the factor (1.00 down to 0.75) with the least "
                    "squared rounding error weighted by the calibration inputs' mean square; --no-clip-search keeps "
@@ -76,7 +78,7 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
                             damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                             clip_search=clip_search)
     out = Path(out_dir)
-    check_new_output(out, overwrite)
+    check_new_output(out, overwrite, inputs=(model, calib))
     lm, device = load_for_calibration(model, device, dtype)
     check_group_size(lm.model, recipe.group_size)
     family = prompt_family or guess_family(lm.ref, lm.tokenizer)

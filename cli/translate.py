@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 
 from almak.cli.common import generation_options, load_for_engine, model_options, progress_bar, quant_config
-from almak.errors import AlmakError
-from almak.eval.data import read_lines
+from almak.eval.data import decode_text, read_lines, split_lines
 from almak.eval.evaluate import check_new_output
 from almak.eval.generate import GenerationConfig
 from almak.eval.generate import translate as run_translate
@@ -46,13 +45,9 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
 
     language_name(src), language_name(tgt)  # refuse unknown codes before anything is loaded
     if output_path != "-":
-        check_new_output(Path(output_path), overwrite)
+        check_new_output(Path(output_path), overwrite, inputs=(model, None if input_path == "-" else input_path))
     if input_path == "-":
-        lines = sys.stdin.read().split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        if not lines:
-            raise AlmakError("no input lines on stdin")
+        lines = split_lines(decode_text(sys.stdin.buffer.read(), "stdin"), "stdin")
     else:
         lines = read_lines(input_path, "input file")
     gen = GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -28,7 +28,7 @@ import torch
 
 from almak.errors import AlmakError
 from almak.eval.generate import ENGINES
-from almak.modeling.decoder import Decoder
+from almak.modeling.decoder import Decoder, check_room, kv_cache_bytes
 from almak.modeling.devices import release_freed_memory
 from almak.modeling.surgery import QuantConfig, quantize_, set_module, sparsify_, target_linears
 from almak.sparse.masks import apply_mask_, nm_mask
@@ -185,6 +185,15 @@ def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, 
         return model.bench_once(batch, prompt_len, gen_len, seed)
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_len + gen_len > limit:
+        raise AlmakError(f"--prompt-len {prompt_len} and --gen-len {gen_len} need {prompt_len + gen_len} positions; "
+                         f"the model has {limit}")
+    # the prompt ids, and the logits of every prompt position where transformers' forward computes them
+    per_token = 8 + (vocab * model.dtype.itemsize if engine == "hf" else 0)
+    need = batch * prompt_len * per_token + (kv_cache_bytes(model, batch, prompt_len + gen_len) if engine == "almak" else 0)
+    check_room(need, device, f"batch {batch} with {prompt_len}-token prompts and {gen_len} new tokens",
+               "lower --batch-sizes, --prompt-len or --gen-len")
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
     if device.type == "cuda":

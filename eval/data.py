@@ -63,32 +63,65 @@ class TestSet:
         return TestSet(self.name, self.src, self.tgt, self.sources[:limit], self.references[:limit])
 
 
-def read_lines(path: str | Path, what: str = "file") -> list[str]:
-    """Lines of a UTF-8 text file without their newlines; a missing or empty file is an AlmakError."""
-    path = Path(path)
-    if not path.is_file():
-        raise AlmakError(f"{what} {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+def decode_text(raw: bytes, where: str) -> str:
+    """``raw`` as UTF-8 (a leading BOM dropped), or an AlmakError naming the line of the first bad byte."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise AlmakError(f"{where} is not UTF-8 text: line {line} has the byte 0x{raw[e.start]:02x}; convert it "
+                         "(iconv -t UTF-8)") from None
+
+
+def split_lines(text: str, where: str) -> list[str]:
+    """Lines of ``text`` without their newlines; text with no line that is not blank is an AlmakError."""
+    if not text:
+        raise AlmakError(f"{where} is empty")
     if not text.strip():
-        raise AlmakError(f"{what} {str(path)!r} is empty")
+        raise AlmakError(f"{where} holds only empty lines")
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
     return [line.rstrip("\r") for line in lines]
 
 
+def read_lines(path: str | Path, what: str = "file") -> list[str]:
+    """Lines of a UTF-8 text file without their newlines; a missing, empty or non-UTF-8 file (or one of empty
+    lines only) is an AlmakError."""
+    path = Path(path)
+    where = f"{what} {str(path)!r}"
+    if not path.is_file():
+        raise AlmakError(f"{where} " + ("is not a regular file" if path.exists() else "does not exist"))
+    return split_lines(decode_text(path.read_bytes(), where), where)
+
+
 def read_json_records(path: Path) -> list[dict]:
     """A JSON array or JSON lines file (gzip-compressed when named ``*.gz``) as a list of objects."""
     raw = path.read_bytes()
-    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
-    if not text.strip():
-        raise AlmakError(f"test set {str(path)!r} is empty")
+    where = f"test set {str(path)!r}"
     try:
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise AlmakError(f"{str(path)!r} is not valid JSON / JSON lines: {e}") from None
+        text = decode_text(gzip.decompress(raw) if path.suffix == ".gz" else raw, where)
+    except (OSError, EOFError) as e:  # gzip's errors for a file that is not, or not all, gzip
+        raise AlmakError(f"{where} is not a complete gzip file ({e})") from None
+    if not text.strip():
+        raise AlmakError(f"{where} is empty")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AlmakError(f"{where} is not valid JSON: {e}") from None
+    else:
+        records = []
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise AlmakError(f"{where}: line {n} is not JSON ({e.msg} at column {e.colno})") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise AlmakError(f"{where}: record {bad + 1} is not a JSON object")
+    return records
 
 
 def _pair_from_name(path: Path) -> str | None:

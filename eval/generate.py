@@ -120,6 +120,9 @@ def translate(
         return model.translate(sources, prompt, config, progress)
     if config.engine == "almak":
         check_supported(model)  # before any work, so a refusal names --engine hf at once
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and config.num_beams > vocab:
+        raise AlmakError(f"--num-beams {config.num_beams} is more than the model's {vocab} tokens")
     hyps, raw = [""] * len(sources), [""] * len(sources)
     todo = [i for i, s in enumerate(sources) if s.strip()]
     if progress and len(todo) < len(sources):
@@ -129,6 +132,9 @@ def translate(
     todo.sort(key=lambda i: len(prompts[i]))
     add_special = not prompt.uses_chat_template  # a chat template already wrote its special tokens
     eos = stop_ids(tokenizer, getattr(model, "generation_config", None))
+    lengths = {i: len(n) for i, n in zip(todo, tokenizer([prompts[i] for i in todo],
+                                                           add_special_tokens=add_special)["input_ids"])}
+    check_context(model, lengths, config.max_new_tokens)
     start = time.perf_counter()
     if not todo:
         outputs = {}
@@ -145,6 +151,24 @@ def translate(
         raw[i] = tokenizer.decode(tokens, skip_special_tokens=True)
         hyps[i] = prompt.postprocess(raw[i])
     return TranslationResult(hyps, time.perf_counter() - start, generated_tokens, raw)
+
+
+def context_limit(model) -> int | None:
+    """The positions the model was trained for (``max_position_embeddings``), where its config says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_context(model, lengths: dict[int, int], extra: int, what: str = "--max-new-tokens adds") -> None:
+    """Refuse, naming the line, a prompt (``lengths``: line index -> tokens) that with ``extra`` more tokens
+    passes the model's context: positions past it give meaningless output, or none."""
+    limit = context_limit(model)
+    if limit is None or not lengths:
+        return
+    line = max(lengths, key=lengths.get)
+    if lengths[line] + extra > limit:
+        raise AlmakError(f"line {line + 1}: its prompt is {lengths[line]} tokens and {what} {extra}, past the "
+                         f"model's context of {limit} positions (max_position_embeddings); split the line or "
+                         "lower --max-new-tokens")
 
 
 def _generate_hf(model, tokenizer, todo, prompts, add_special, eos, config, progress) -> dict[int, list[int]]:

@@ -215,6 +215,12 @@ def reference_nll(model, tokenizer, sources: list[str], refs: list[str], prompt:
     """
     device = next(model.parameters()).device
     seqs = prompt.encode_many(sources, refs, tokenizer)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    too_long = [i for i, (p, c) in enumerate(seqs) if limit is not None and len(p) + len(c) > limit]
+    if too_long:
+        i = too_long[0]
+        raise AlmakError(f"pair {i + 1}: its prompt and reference are {len(seqs[i][0]) + len(seqs[i][1])} tokens, "
+                         f"past the model's context of {limit} positions (max_position_embeddings)")
     total, count = 0.0, 0
     for b in range(0, len(seqs), batch_size):
         batch = seqs[b : b + batch_size]

@@ -72,6 +72,9 @@ def calibration_samples(tokenizer, calib: str = "alma", nsamples: int = 128, seq
             pairs = [(s, t, r["translation"][s], r["translation"][t]) for r in records for s, t in ((a, b), (b, a))]
         else:
             return _text_windows(tokenizer, "\n".join(read_lines(path, "calibration file")), nsamples, seqlen, rng)
+    if nsamples > len(pairs):  # more would repeat pairs: the same statistics, counted twice
+        raise AlmakError(f"--nsamples {nsamples} is more than the {len(pairs)} pairs of the calibration set "
+                         f"{calib!r}; lower it")
     # Round-robin over directions so that every direction is represented whatever nsamples is.
     by_dir: dict[tuple[str, str], list] = {}
     for p in pairs:
@@ -92,6 +95,9 @@ def _text_windows(tokenizer, text: str, nsamples: int, seqlen: int, rng: random.
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < seqlen:
         raise AlmakError(f"the calibration text has {len(ids)} tokens, fewer than --seqlen {seqlen}")
+    if nsamples > len(ids) - seqlen + 1:
+        raise AlmakError(f"--nsamples {nsamples} windows of {seqlen} tokens: the calibration text ({len(ids)} tokens) "
+                         f"has only {len(ids) - seqlen + 1} distinct ones; lower --nsamples or --seqlen")
     starts = [rng.randrange(0, len(ids) - seqlen + 1) for _ in range(nsamples)]
     return [torch.tensor([ids[s : s + seqlen]]) for s in starts]
 

@@ -36,14 +36,22 @@ from almak.errors import AlmakError
 SUPPORTED = ("llama", "mistral")
 
 
+HINT = "use --engine hf (transformers' generate) for it"
+
+
+def check_model_type(kind: str | None) -> None:
+    """Refuse a ``model_type`` this forward pass does not reproduce (before any weight is read, where the caller
+    has the config), naming the way out."""
+    if kind not in SUPPORTED:
+        raise AlmakError(f"almak's generation loop runs LLaMA-family models ({', '.join(SUPPORTED)}), "
+                         f"not {kind!r}; {HINT}")
+
+
 def check_supported(model) -> None:
     """Refuse models whose layers this forward pass does not reproduce, naming the way out."""
     config = model.config
-    kind = getattr(config, "model_type", None)
-    hint = "use --engine hf (transformers' generate) for it"
-    if kind not in SUPPORTED:
-        raise AlmakError(f"almak's generation loop runs LLaMA-family models ({', '.join(SUPPORTED)}), "
-                         f"not {kind!r}; {hint}")
+    check_model_type(getattr(config, "model_type", None))
+    hint = HINT
     window = getattr(config, "sliding_window", None)
     if window is not None:
         raise AlmakError(f"this model uses sliding-window attention (window {window}), which almak's "
@@ -55,6 +63,35 @@ def check_supported(model) -> None:
     if changes:
         raise AlmakError(f"the model's generation_config sets {changes}, which almak's generation loop "
                          f"does not apply; {hint}")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device``: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+GENERATION_HINT = "lower --batch-size, --num-beams or --max-new-tokens"
+
+
+def check_room(need: int, device: torch.device, what: str, hint: str = GENERATION_HINT) -> None:
+    """Refuse an allocation that cannot fit, before trying it (a huge --batch-size x --num-beams x
+    --max-new-tokens would otherwise die in the allocator, or swap the machine to a halt)."""
+    free = free_memory(device)
+    if need > free:
+        raise AlmakError(f"{what} needs {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB are free on {device}: {hint}")
+
+
+def kv_cache_bytes(model, batch: int, max_len: int) -> int:
+    """Bytes of :class:`Decoder`'s key and value cache for ``batch`` rows of ``max_len`` positions."""
+    config = model.config
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = model.model.embed_tokens.weight.dtype.itemsize
+    return 2 * config.num_hidden_layers * batch * n_kv * max_len * head_dim * itemsize
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +119,8 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.dtype = model.model.embed_tokens.weight.dtype
         shape = (batch, self.n_kv, max_len, self.head_dim)
+        check_room(kv_cache_bytes(model, batch, max_len), self.device,
+                   f"the KV cache of {batch} rows x {max_len} positions")
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.batch, self.max_len = batch, max_len

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import almak
 from almak.errors import AlmakError
+from almak.eval.evaluate import check_writable_place
 from almak.eval.data import ALMA_DIRECTIONS, TestSet, alma_parallel, load_testset, read_json_records
 from almak.eval.metrics import NLL, reference_nll, target_logits, teacher_forcing_batch
 from almak.eval.languages import parse_lang_pair
@@ -383,8 +384,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     return state
 
 
-def check_output(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse what cannot go on, before anything is loaded or written."""
+def check_output(out_dir: Path, resume: bool, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse what cannot go on, before anything is loaded or written; ``inputs`` (models, data) must survive."""
+    check_writable_place(out_dir, inputs)
     if resume and overwrite:
         raise AlmakError("--resume continues the run in --out, --overwrite starts it over: pass one of them")
     if resume:
@@ -395,8 +397,6 @@ def check_output(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if out_dir.exists() and not overwrite:
         raise AlmakError(f"{str(out_dir)!r} exists; pass --overwrite to replace it, or --resume to continue its "
                          "checkpoint")
-    if not out_dir.parent.is_dir():
-        raise AlmakError(f"the folder of {str(out_dir)!r} does not exist")
 
 
 def _base_ref(model: nn.Module, base_ref: str | None) -> str | None:

@@ -29,6 +29,7 @@ import torch
 from almak.errors import AlmakError
 from almak.files import write_dir_atomic
 from almak.modeling.checkpoint import (
+    check_model_folder,
     declared_24,
     is_compressed_checkpoint,
     is_gptq_checkpoint,
@@ -175,6 +176,7 @@ def _load_model(ref: str, device: str, dtype: str, quant: QuantConfig | None) ->
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise AlmakError(f"{ref!r} is a folder without config.json, not a Hugging Face model folder")
+        check_model_folder(path)
 
         if is_compressed_checkpoint(path) or is_gptq_checkpoint(path):
             model, tokenizer = load_quantized(path, device=device, dtype=torch_dtype)
@@ -217,8 +219,12 @@ def _load_folder(source: str, dtype: torch.dtype = torch.float32, **kwargs) -> L
     """The folder's model read straight into ``dtype`` (never a float32 copy beside a bfloat16 one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except ValueError as e:  # a tokenizer config that names files or classes not there
+        raise AlmakError(f"the tokenizer of {source!r} does not load ({str(e).strip().splitlines()[0]})") from None
+    # safetensors only: never transformers' fallback to pickle files (unpickling can run code)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
     return LoadedModel(model, tokenizer, source, source)
 
 

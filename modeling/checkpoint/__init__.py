@@ -78,7 +78,9 @@ import almak
 from almak.errors import AlmakError
 from almak.files import write_dir_atomic
 from almak.modeling.checkpoint import gptq, pack_quantized, sparse24_bitmask
-from almak.modeling.checkpoint.common import (
+from almak.modeling.checkpoint.common import (  # noqa: F401 (check_model_folder: read from here)
+    TOKENIZER_FILES,
+    check_model_folder,
     Tensors,
     pack_rows,
     quant_config,
@@ -117,7 +119,6 @@ SPARSITY_REPORT_FILE = "sparsity_report.json"
 # Bytes allowed beyond the tensors when checking free space: config, tokenizer (a Llama-3 tokenizer.json is
 # about 9 MB) and the safetensors header.
 SPACE_MARGIN = 64 * 2**20
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # How 2:4 float layers are stored: dense weights (the default; what current transformers, compressed-tensors and
 # vLLM load) or compressed-tensors' sparse-24-bitmask (compressed-tensors <= 0.14 only).
 SPARSE_FORMATS = ("dense", CT_SPARSE_FORMAT)

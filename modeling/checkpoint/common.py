@@ -48,6 +48,68 @@ def read_config(folder: Path) -> dict:
         raise AlmakError(f"{path} is not valid JSON: {e}") from None
 
 
+# Files that hold a tokenizer (any one is enough for AutoTokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files a model folder's weights are in (its shard index's, or every ``*.safetensors``), each
+    checked to exist; an AlmakError for a folder of pickle files only (almak never unpickles: it can run code)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise AlmakError(f"{index} is not a shard index (JSON with a weight_map)") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise AlmakError(f"{folder}: its shard index names {missing[0]}, which is not in the folder"
+                             + (f" ({len(missing)} shards missing)" if len(missing) > 1 else "")
+                             + "; the download is incomplete")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise AlmakError(f"{folder} holds only pickle weights ({', '.join(pickled[:3])}); almak loads "
+                             "safetensors only, since unpickling can run code: convert them (transformers' "
+                             "save_pretrained writes safetensors) or use the model's safetensors release")
+        raise AlmakError(f"{folder} holds no model weights (*.safetensors)")
+    return files
+
+
+def check_model_folder(folder: Path) -> dict:
+    """Refuse, with one line naming the problem, a model folder that would fail half-way through loading: a
+    config.json that is not JSON or names no model type transformers knows, missing or unreadable safetensors
+    files (corrupt, truncated, a shard index naming a missing shard), pickle weights only, no tokenizer. Reads only
+    headers. Returns the config."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import CONFIG_MAPPING, __version__
+
+    folder = Path(folder)
+    config = read_config(folder)
+    if not isinstance(config, dict):
+        raise AlmakError(f"{folder / 'config.json'} is not a model config (a JSON object)")
+    kind = config.get("model_type")
+    if not kind:
+        raise AlmakError(f"{folder / 'config.json'} names no model_type")
+    if kind not in CONFIG_MAPPING:
+        raise AlmakError(f"{folder}: model_type {kind!r} is not a model transformers {__version__} knows; almak "
+                         "runs LLaMA-family models (llama, mistral), and other causal LMs with --engine hf")
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise AlmakError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): the download "
+                             "is incomplete or the file is corrupt") from None
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise AlmakError(f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the base model's "
+                         "tokenizer files into it")
+    return config
+
+
 def quant_config(folder: Path) -> dict:
     """``quantization_config`` of config.json, or AutoGPTQ's ``quantize_config.json``, or {}."""
     folder = Path(folder)
@@ -79,17 +141,7 @@ class Tensors:
     def __init__(self, folder: Path):
         from safetensors import safe_open
 
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        else:
-            files = sorted(p.name for p in folder.glob("*.safetensors"))
-        if not files:
-            pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-            extra = f" (it has {', '.join(pickled)}: pickle files are not read, convert them to safetensors)" \
-                if pickled else ""
-            raise AlmakError(f"{folder} has no .safetensors weights{extra}")
-        self.handles = [safe_open(str(folder / f), framework="pt") for f in files]
+        self.handles = [safe_open(str(f), framework="pt") for f in weight_files(folder)]
         self.where = {k: h for h in self.handles for k in h.keys()}  # noqa: SIM118 (a safe_open handle)
 
     def __contains__(self, key: str) -> bool:

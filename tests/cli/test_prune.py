@@ -70,7 +70,7 @@ def test_prune_unstructured_magnitude(tiny_llama_dir, tmp_path):
     (["--pattern", "2:5"], "in_features=96 is not divisible by 5"),
     (["--pattern", "4:2"], "need 0 < N < M"),
     (["--pattern", "x"], "neither an N:M pattern"),
-    (["--sparsity", "1.5"], "strictly between 0 and 1"),
+    (["--sparsity", "1.5"], "Invalid value for '--sparsity': 1.5 is not in the range 0<x<1"),
     (["--skip", "layers.9"], "--skip layers.9 matches no prunable layer"),
     (["--method", "obs"], "'obs' is not one of"),
 ])
