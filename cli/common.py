@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import math
 import sys
-from pathlib import Path
 
 import click
 
@@ -11,8 +11,8 @@ from almak.errors import AlmakError
 from almak.eval.generate import ENGINES, GenerationConfig
 from almak.eval.metrics import BLEU_TOKENIZERS
 from almak.eval.prompts import guess_family
-from almak.modeling.checkpoint import SPARSE_FORMATS, check_model_folder
-from almak.modeling.decoder import check_model_type
+from almak.modeling.checkpoint import SPARSE_FORMATS
+from almak.modeling.decoder import SUPPORTED
 from almak.modeling.finetune import GROUP_STEPS
 from almak.eval.vllm_engine import VllmEngine
 from almak.modeling.devices import check_device, inference_dtype
@@ -25,8 +25,6 @@ class Finite(click.FloatRange):
     nan is false) and inf where the range is open above."""
 
     def convert(self, value, param, ctx):
-        import math
-
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
@@ -152,15 +150,16 @@ def quant_config(quant: str | None, group_size: str | None):
     return QuantConfig(bits=bits, group_size=int(group_size or (128 if bits == 4 else -1)))
 
 
-def load(model, device, dtype, prompt_family, qconfig=None):
-    """Load MODEL, quantize it on the fly when asked, and settle the prompt family."""
+def load(model, device, dtype, prompt_family, qconfig=None, model_types=None):
+    """Load MODEL (a local folder refused unless its model_type is one of ``model_types``, where given), quantize it
+    on the fly when asked, and settle the prompt family."""
     import torch
 
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, lm_dtype_choice = inference_dtype(dtype, check_device(device).type)
-    lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype, quant=qconfig)
+    lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype, quant=qconfig, model_types=model_types)
     lm.dtype_choice = lm_dtype_choice
     if qconfig:
         summary = lm.quantized
@@ -174,10 +173,7 @@ def load_for_engine(model, device, dtype, prompt_family, qconfig, gen: Generatio
     if gen.engine != "vllm":
         if tensor_parallel_size != 1:
             raise AlmakError("--tensor-parallel-size goes with --engine vllm")
-        folder = Path(model or "").expanduser()
-        if gen.engine == "almak" and (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists():
-            check_model_type(check_model_folder(folder).get("model_type"))  # refused before anything is loaded
-        return load(model, device, dtype, prompt_family, qconfig)
+        return load(model, device, dtype, prompt_family, qconfig, SUPPORTED if gen.engine == "almak" else None)
     if qconfig:
         raise AlmakError("--quant quantizes almak's in-memory model, which vLLM does not run: write a checkpoint "
                          "with almak quantize and pass its folder")

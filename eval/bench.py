@@ -28,7 +28,7 @@ import torch
 
 from almak.errors import AlmakError
 from almak.eval.generate import ENGINES
-from almak.modeling.decoder import Decoder, check_room, kv_cache_bytes
+from almak.modeling.decoder import Decoder, check_room, context_limit, kv_cache_bytes
 from almak.modeling.devices import release_freed_memory
 from almak.modeling.surgery import QuantConfig, quantize_, set_module, sparsify_, target_linears
 from almak.sparse.masks import apply_mask_, nm_mask
@@ -185,7 +185,7 @@ def bench_once(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, 
         return model.bench_once(batch, prompt_len, gen_len, seed)
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = context_limit(model)
     if limit is not None and prompt_len + gen_len > limit:
         raise AlmakError(f"--prompt-len {prompt_len} and --gen-len {gen_len} need {prompt_len + gen_len} positions; "
                          f"the model has {limit}")

@@ -29,7 +29,7 @@ import torch
 
 from almak.errors import AlmakError
 from almak.eval.prompts import Prompt
-from almak.modeling.decoder import Decoder, check_supported
+from almak.modeling.decoder import Decoder, check_supported, context_limit
 
 ENGINES = ("almak", "hf", "vllm")
 
@@ -151,11 +151,6 @@ def translate(
         raw[i] = tokenizer.decode(tokens, skip_special_tokens=True)
         hyps[i] = prompt.postprocess(raw[i])
     return TranslationResult(hyps, time.perf_counter() - start, generated_tokens, raw)
-
-
-def context_limit(model) -> int | None:
-    """The positions the model was trained for (``max_position_embeddings``), where its config says."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def check_context(model, lengths: dict[int, int], extra: int, what: str = "--max-new-tokens adds") -> None:

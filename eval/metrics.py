@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from almak.errors import AlmakError
 from almak.eval.languages import language_name, language_subtag
 from almak.eval.prompts import Prompt
+from almak.modeling.decoder import context_limit
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def reference_nll(model, tokenizer, sources: list[str], refs: list[str], prompt:
     """
     device = next(model.parameters()).device
     seqs = prompt.encode_many(sources, refs, tokenizer)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = context_limit(model)
     too_long = [i for i, (p, c) in enumerate(seqs) if limit is not None and len(p) + len(c) > limit]
     if too_long:
         i = too_long[0]

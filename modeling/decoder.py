@@ -39,11 +39,16 @@ SUPPORTED = ("llama", "mistral")
 HINT = "use --engine hf (transformers' generate) for it"
 
 
-def check_model_type(kind: str | None) -> None:
+def context_limit(model) -> int | None:
+    """The positions the model was trained for (``max_position_embeddings``), where its config says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_model_type(kind: str | None, supported: tuple[str, ...] = SUPPORTED) -> None:
     """Refuse a ``model_type`` this forward pass does not reproduce (before any weight is read, where the caller
     has the config), naming the way out."""
-    if kind not in SUPPORTED:
-        raise AlmakError(f"almak's generation loop runs LLaMA-family models ({', '.join(SUPPORTED)}), "
+    if kind not in supported:
+        raise AlmakError(f"almak's generation loop runs LLaMA-family models ({', '.join(supported)}), "
                          f"not {kind!r}; {HINT}")
 
 
@@ -113,7 +118,7 @@ class Decoder:
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
-        limit = getattr(config, "max_position_embeddings", None)
+        limit = context_limit(model)
         if limit is not None and max_len > limit:
             raise AlmakError(f"prompt plus new tokens need {max_len} positions; the model has {limit}")
         self.device = next(model.parameters()).device

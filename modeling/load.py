@@ -37,6 +37,7 @@ from almak.modeling.checkpoint import (
     load_quantizing,
     swap_declared_24,
 )
+from almak.modeling.decoder import check_model_type
 from almak.modeling.devices import DTYPES, check_device, resolve_dtype  # noqa: F401 (also read from here)
 from almak.modeling.surgery import QuantConfig, quantize_
 
@@ -141,24 +142,28 @@ def unknown_model(ref: str) -> AlmakError:
     return AlmakError(f"unknown model {ref!r}: not an alias ({known}), a folder, a .gguf file or a hub id")
 
 
-def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto", quant: QuantConfig | None = None
-               ) -> LoadedModel:
+def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto", quant: QuantConfig | None = None,
+               model_types: tuple[str, ...] | None = None) -> LoadedModel:
     """Load a model reference (see the module docstring) for inference; with ``quant``, its decoder-layer
     projections quantized round-to-nearest (:func:`~almak.modeling.surgery.quantize_`): as they are read, one
     at a time, from a safetensors folder (:func:`~almak.modeling.checkpoint.load_quantizing`: the float model is
     never held whole), after loading otherwise (a .gguf file, a hub id).
 
+    ``model_types``: refuse a local folder whose config.json names another ``model_type`` before any weight is read
+    (``almak translate`` passes the types its own generation loop runs).
+
     >>> lm = load_model("smollm2-135m")          # doctest: +SKIP
     >>> lm.model.config.num_hidden_layers        # doctest: +SKIP
     30
     """
-    lm = _load_model(ref or DEFAULT_MODEL, device, dtype, quant)
+    lm = _load_model(ref or DEFAULT_MODEL, device, dtype, quant, model_types)
     if quant is not None and lm.quantized is None:
         lm.quantized = quantize_(lm.model, quant)
     return lm
 
 
-def _load_model(ref: str, device: str, dtype: str, quant: QuantConfig | None) -> LoadedModel:
+def _load_model(ref: str, device: str, dtype: str, quant: QuantConfig | None,
+                model_types: tuple[str, ...] | None) -> LoadedModel:
     dev = check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = Path(ref).expanduser()
@@ -176,7 +181,9 @@ def _load_model(ref: str, device: str, dtype: str, quant: QuantConfig | None) ->
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise AlmakError(f"{ref!r} is a folder without config.json, not a Hugging Face model folder")
-        check_model_folder(path)
+        config = check_model_folder(path)
+        if model_types is not None:  # refused before any weight is read
+            check_model_type(config.get("model_type"), model_types)
 
         if is_compressed_checkpoint(path) or is_gptq_checkpoint(path):
             model, tokenizer = load_quantized(path, device=device, dtype=torch_dtype)

@@ -114,6 +114,7 @@ def broken(tmp_path_factory, tiny_llama_dir):
 
     torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
     (d / "model.safetensors").unlink()
+    edit_config(variant("gpt2_type"), lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
     d = variant("mistral_window")  # a model_type transformers knows, which almak's own loop does not run
     edit_config(d, lambda c: c.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16))
 
@@ -164,6 +165,8 @@ def test_broken_model_folder_quantize(broken, tmp_path, name, message):
 
 
 def test_model_type_almak_does_not_run_is_refused_before_loading(broken):
+    assert_refused(run(["translate", broken / "gpt2_type", "--src", "de", "--tgt", "en", *FAST], input="Hallo\n"),
+                   "almak's generation loop runs LLaMA-family models (llama, mistral), not 'gpt2'; use --engine hf")
     assert_refused(run(["translate", broken / "mistral_window", "--src", "de", "--tgt", "en", *FAST], input="Hallo\n"),
                    "this model uses sliding-window attention (window 16)", early=False)
     result = run(["translate", broken / "bin_only", "--src", "de", "--tgt", "en", *FAST, "--engine", "hf"],
