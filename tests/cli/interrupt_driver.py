@@ -27,6 +27,9 @@ def hook(module, name, after=False):
 
 
 POINT, SIGNAL = sys.argv[1], getattr(signal, sys.argv[2])
+# Ctrl-C as a terminal delivers it: a shell without job control (CI's, running this suite in the background) starts
+# its background jobs with SIGINT ignored, and Python then leaves it ignored instead of raising KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 import almak.files as files  # noqa: E402
 
