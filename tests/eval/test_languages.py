@@ -28,7 +28,7 @@ def test_alma_languages_keep_their_prompt_names():
     # the names ALMA's prompts were trained with (the table almak had before it read langcodes)
     expected = {"ar": "Arabic", "bn": "Bengali", "cs": "Czech", "de": "German", "el": "Greek", "en": "English",
                 "fa": "Persian", "is": "Icelandic", "ja": "Japanese", "ko": "Korean", "no": "Norwegian",
-                "ru": "Russian", "sl": "Slovenian", "sw": "Swahili", "uk": "Ukrainian", "zh": "Chinese"}
+                "ru": "Russian", "sl": "Slovenian", "sw": "Swahili", "uk": "Ukrainian", "zh": "Chinese", "fr": "French"}
     assert {c: language_name(c) for c in expected} == expected
 
 

@@ -1,7 +1,6 @@
 import pytest
 
 from almak.errors import AlmakError
-from almak.eval.languages import language_name, parse_lang_pair
 from almak.eval.prompts import Prompt, first_nonempty_line, guess_family
 
 
@@ -36,16 +35,6 @@ def test_chat_family_without_template_is_refused():
 ])
 def test_first_nonempty_line(text, expected):
     assert first_nonempty_line(text) == expected
-
-
-def test_language_codes():
-    assert [language_name(c) for c in ("de", "cs", "is", "zh", "ru", "ja", "uk", "fr")] == [
-        "German", "Czech", "Icelandic", "Chinese", "Russian", "Japanese", "Ukrainian", "French"]
-    assert parse_lang_pair("DE-en") == ("de", "en")
-    with pytest.raises(AlmakError, match="unknown language code 'xx'"):
-        language_name("xx")
-    with pytest.raises(AlmakError, match="not of the form src-tgt"):
-        parse_lang_pair("deen")
 
 
 def test_guess_family():
