@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -29,7 +30,19 @@ from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, q
 @click.argument("model", required=False)
 @click.option("--method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True,
               help="rtn: round to nearest, no data. gptq: Frantar et al. 2022, calibrated layer by layer.")
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--bits", type=click.Choice(["4", "8", "auto"]), default="4", show_default=True,
+              help="auto: mixed precision under --target-bits, each projection int4 per channel, int4 at "
+                   "--group-size or int8 per channel, chosen by its measured sensitivity.")
+@click.option("--target-bits", type=Finite(4, 9),
+              help="With --bits auto: average bits per weight over the decoder projections, codes, scales and "
+                   "zeros included as the checkpoint stores them (scales in the model's dtype: 16 bits for "
+                   "fp16/bf16, 32 for fp32). E.g. 4.5.")
+@click.option("--rotate/--no-rotate", default=False, show_default=True,
+              help="Fold the RMSNorm scales into the next linears and rotate the residual stream and each "
+                   "attention head by randomized Hadamard matrices first: the same function (a plain model every "
+                   "loader runs), with weight outliers spread out, so int4 per channel and small groups lose "
+                   "less. Tied embeddings are untied (lm_head gets its own weight: one more vocab x hidden "
+                   "tensor), since the final norm's scale cannot be folded into a tied head.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128", "256", "-1"]), default="128", show_default=True,
               help="Columns per scale (-1: one per output channel); must divide every projection's in_features "
                    "(the embedded model needs 64 or 32).")
@@ -56,8 +69,8 @@ from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, q
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Checkpoint folder (safetensors, compressed-tensors pack-quantized layout).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamples, seqlen, seed, clip_search,
-             prompt_family, device, dtype, sparse_format, out_dir, overwrite):
+def quantize(model, method, bits, target_bits, rotate, group_size, sym, act_order, damp, calib, nsamples, seqlen,
+             seed, clip_search, prompt_family, device, dtype, sparse_format, out_dir, overwrite):
     """Quantize MODEL's decoder-layer projections to 4 or 8 bits and write a checkpoint.
 
     The checkpoint loads in almak (almak translate/eval DIR), in transformers with the compressed-tensors
@@ -68,15 +81,18 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     2:4 + int4 layers.
 
     \b
-    Example:
+    Examples:
       almak quantize --method gptq --bits 4 --group-size 64 --asym --out smollm-w4g64
+      almak quantize --rotate --group-size -1 --asym --out smollm-w4-rot
+      almak quantize --rotate --bits auto --target-bits 4.5 --asym --out smollm-mixed
     """
     import time
 
-
-    recipe = QuantizeRecipe(method=method, bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order,
-                            damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                            clip_search=clip_search)
+    if (bits == "auto") != (target_bits is not None):
+        raise click.UsageError("--bits auto needs --target-bits, and --target-bits needs --bits auto")
+    recipe = QuantizeRecipe(method=method, bits=4 if bits == "auto" else int(bits), group_size=int(group_size),
+                            sym=sym, act_order=act_order, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                            seed=seed, clip_search=clip_search, rotate=rotate, target_bits=target_bits)
     out = Path(out_dir)
     check_new_output(out, overwrite, inputs=(model, calib))
     lm, device = load_for_calibration(model, device, dtype)
@@ -88,28 +104,54 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
     sparse24 = densify_(lm.model)
     pruned = source if source and source.get("command") == "prune" else None
     start = time.perf_counter()
-    with progress_bar(method, len(decoder_layers(lm.model)), unit="layer") as bar:
+    with contextlib.ExitStack() as bars:
+        measure = bars.enter_context(progress_bar("sensitivity", nsamples, unit="sample")).update \
+            if target_bits is not None else None
+        bar = bars.enter_context(progress_bar(method, len(decoder_layers(lm.model)), unit="layer"))
         summary = quantize_model(lm.model, lm.tokenizer, recipe, device=device, prompt_family=family,
-                                 progress=bar.update, keep_zeros=bool(pruned or sparse24))
+                                 progress=bar.update, keep_zeros=bool(pruned or sparse24),
+                                 sensitivity_progress=measure)
     # int4 layers that were 2:4 become 2:4 + int4 (int8 ones stay dense-coded, their zeros kept).
     sparse24_quant = sparsify_(lm.model, names=sparse24) if sparse24 else []
     seconds = time.perf_counter() - start
     fields = dataclasses.asdict(recipe)
     if method == "rtn":
-        fields = {k: v for k, v in fields.items() if k in ("method", "bits", "group_size", "sym")}
-    fields.update(model=lm.ref, prompt=family if method == "gptq" else None, seconds=round(seconds, 1),
+        keep = ("method", "bits", "group_size", "sym", "rotate", "target_bits")
+        keep += ("calib", "nsamples", "seqlen", "seed") if target_bits is not None else ()
+        fields = {k: v for k, v in fields.items() if k in keep}
+    calibrated = method == "gptq" or target_bits is not None
+    fields.update(model=lm.ref, prompt=family if calibrated else None, seconds=round(seconds, 1),
                   quantized=len(summary["quantized"]), skipped=summary["skipped"])
+    for key in ("rotation", "allocation"):
+        if key in summary:
+            fields[key] = summary[key]
     if pruned or sparse24:
         fields.update(pruned_source=pruned, sparse24_layers=len(sparse24_quant))
     save_quantized(lm.model, lm.tokenizer, out, fields, overwrite=overwrite, sparse_format=sparse_format)
     after = weight_bytes(lm.model)
     peak = peak_memory(device)
     skipped = summary["skipped"]
-    print_table([
-        ("model", lm.ref),
-        ("method", f"{method} int{bits} {'sym' if sym else 'asym'} group {group_size}"
+    scheme = (f"mixed (target {target_bits:g} bits)" if target_bits is not None else f"int{bits} group {group_size}")
+    rows = [("model", lm.ref)]
+    rows += [("method", f"{method} {scheme} {'sym' if sym else 'asym'}"
          + (f", act-order {act_order}, damp {damp}, {nsamples} x <={seqlen} tokens of {calib}"
             + (", clip search" if recipe.clip_search else "") if method == "gptq" else "")),
+    ]
+    if "rotation" in summary:
+        r = summary["rotation"]
+        rows.append(("rotation", f"randomized Hadamard {r['hidden']} (residual) and {r['head_dim']} (heads), "
+                                 f"seed {r['seed']}" + ("; lm_head untied" if r["untied"] else "")
+))
+    if "allocation" in summary:
+        a = summary["allocation"]
+        rows.append(("allocation", f"{a['average_bits']:.3f} bits per weight: "
+                     + ", ".join(f"{n} x {f}" for f, n in a["counts"].items())))
+        for f in a["counts"]:
+            if f.startswith("int8"):
+                where = sorted({int(n.split(".")[2]) for n, g in a["formats"].items() if g == f})
+                rows.append((f"  {f}", ", ".join(sorted({n.split(".", 3)[3] for n, g in a["formats"].items()
+                                                          if g == f})) + f" in layers {_ranges(where)}"))
+    rows += [
         ("layers quantized", str(len(summary["quantized"]))
          + (f" ({len(sparse24_quant)} of them 2:4 + int4)" if sparse24_quant else "")
          + ("; zeros of the pruned source kept" if pruned or sparse24 else "")),
@@ -119,4 +161,16 @@ def quantize(model, method, bits, group_size, sym, act_order, damp, calib, nsamp
         ("peak memory", peak),
         ("vLLM", vllm_summary(lm.model, sparse_format)),
         ("written to", out_dir),
-    ])
+    ]
+    print_table(rows)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

@@ -102,6 +102,12 @@ def _text_windows(tokenizer, text: str, nsamples: int, seqlen: int, rng: random.
     return [torch.tensor([ids[s : s + seqlen]]) for s in starts]
 
 
+# Projections of a LLaMA decoder layer that read the same tensor: GPTQ accumulates one Hessian for them and
+# solves their stacked rows in one sweep (the result each layer gets is the same as solving it alone); mixed
+# precision gives them one format (vLLM fuses them into one layer).
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 class Observer(Protocol):
     def add_batch(self, x: torch.Tensor) -> None: ...
 

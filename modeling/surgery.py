@@ -5,6 +5,7 @@ INFO almak.modeling.surgery: quantized 210/210 linears to int4 sym g128; kept lm
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -13,8 +14,10 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.calibrate import calibration_samples, decoder_layers, run_layerwise
+from almak.modeling.allocate import allocate_bits
+from almak.modeling.calibrate import SHARED_INPUTS, calibration_samples, decoder_layers, run_layerwise
 from almak.modeling.quant_linear import QuantLinear
+from almak.modeling.rotate import check_rotatable, rotate_
 from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear, is_24_sparse
 from almak.quant.gptq import GPTQ, GPTQConfig
 from almak.quant.pack import GROUP_SIZES
@@ -104,11 +107,6 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Callable[[str, n
     return {"quantized": done, "skipped": skipped}
 
 
-# Projections of a LLaMA decoder layer that read the same tensor: GPTQ accumulates one Hessian for them and
-# solves their stacked rows in one sweep (the result each layer gets is the same as solving it alone).
-SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 class _SharedInput:
     """The GPTQ observer of the projections in ``names`` that read one input: each forward adds it once.
 
@@ -152,14 +150,15 @@ class _Member:
 
 
 def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_fn=None, progress=None,
-                   keep_zeros: bool = False) -> dict:
+                   keep_zeros: bool = False, formats: dict | None = None) -> dict:
     """GPTQ every decoder-layer projection, layer by layer on calibration ``samples``, in place.
 
     ``config`` is a :class:`almak.quant.gptq.GPTQConfig`; ``samples`` come from
     :func:`almak.modeling.calibrate.calibration_samples`. Returns ``{"quantized": [...], "skipped": {...}}``
     like :func:`quantize_`; ``progress(1)`` is called per decoder layer. ``keep_zeros`` (for a pruned model)
     keeps every weight that is exactly 0 at 0, so a 2:4 layer stays 2:4. The projections that read one input
-    (:data:`SHARED_INPUTS`) share a Hessian and a solve.
+    (:data:`SHARED_INPUTS`) share a Hessian and a solve. ``formats`` (mixed precision: full name ->
+    :class:`almak.modeling.allocate.Format`) overrides ``config``'s bits and group size per projection.
     """
 
     layers = decoder_layers(model)
@@ -190,13 +189,15 @@ def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_
             keep = torch.cat([linear.weight == 0 for linear in linears]) if keep_zeros else None
             if group.gptq is None:
                 raise AlmakError(f"model.layers.{index}: {', '.join(group.names)} saw no calibration input")
-            q, scales, zeros = group.gptq.quantize(config, keep_zero=keep)
+            fmt = formats.get(prefix[id(layer)] + group.names[0]) if formats else None
+            solve = dataclasses.replace(config, bits=fmt.bits, group_size=fmt.group_size) if fmt else config
+            q, scales, zeros = group.gptq.quantize(solve, keep_zero=keep)
             sizes = [linear.out_features for linear in linears]
             parts = zip(q.split(sizes), scales.split(sizes),
                         [None] * len(sizes) if zeros is None else zeros.split(sizes))
             for name, linear, (q_i, s_i, z_i) in zip(group.names, linears, parts):
-                new = QuantLinear(linear.in_features, linear.out_features, config.bits, config.group_size,
-                                  config.sym, linear.bias is not None, dtype=linear.weight.dtype,
+                new = QuantLinear(linear.in_features, linear.out_features, solve.bits, solve.group_size,
+                                  solve.sym, linear.bias is not None, dtype=linear.weight.dtype,
                                   device=linear.weight.device)
                 new.set_quantized(q_i, s_i, z_i)
                 if linear.bias is not None:
@@ -262,10 +263,23 @@ class QuantizeRecipe:
     seqlen: int = 512
     seed: int = 0
     clip_search: bool | None = None  # GPTQ's group ranges by H-weighted error search; None: on for GPTQ
+    # Randomized Hadamard rotations fused into the float weights first (almak.modeling.rotate); tied embeddings
+    # are untied.
+    rotate: bool = False
+    # Mixed precision: average bits per weight (codes, scales, zeros) over the decoder projections; each
+    # projection int4 per channel, int4 at group_size or int8 per channel by sensitivity (almak.modeling.allocate).
+    # None: every projection at ``bits``.
+    target_bits: float | None = None
 
     def __post_init__(self):
         if self.method not in ("rtn", "gptq"):
             raise AlmakError(f"method must be rtn or gptq, got {self.method!r}")
+        if self.target_bits is not None:
+            t = self.target_bits
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 4 <= t <= 9:
+                raise AlmakError(f"target bits must be a number of bits per weight between 4 and 9 (int4 with its "
+                                 f"scales costs a little over 4, int8 a little over 8), got {t!r}")
+            self.bits = 4
         if self.clip_search is None:
             self.clip_search = self.method == "gptq"
         if self.clip_search and self.method != "gptq":
@@ -295,19 +309,50 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
 
 
 def quantize_model(model: nn.Module, tokenizer, recipe: QuantizeRecipe, device=None, prompt_family: str = "alma",
-                   progress=None, keep_zeros: bool = False) -> dict:
+                   progress=None, keep_zeros: bool = False, sensitivity_progress=None) -> dict:
     """Quantize ``model`` in place by ``recipe`` (RTN, or GPTQ on translation-formatted calibration data).
 
     ``keep_zeros``: the model is pruned; GPTQ keeps its zeros (RTN always maps 0 to the zero point exactly).
-    Returns the summary of :func:`quantize_` / :func:`gptq_quantize_`.
+    ``recipe.rotate`` fuses the rotations of :func:`almak.modeling.rotate.rotate_` into the float weights first;
+    ``recipe.target_bits`` chooses each projection's format by :func:`almak.modeling.allocate.allocate_bits`.
+    ``progress(1)`` is called per decoder layer quantized, ``sensitivity_progress(1)`` per calibration sample
+    measured for the allocation. Returns the summary of :func:`quantize_` / :func:`gptq_quantize_`, with what ``rotate_`` returned under
+    ``"rotation"`` and :meth:`Allocation.record` under ``"allocation"`` when they ran.
     """
     check_group_size(model, recipe.group_size)
+    if recipe.rotate:
+        if keep_zeros:
+            raise AlmakError("--rotate mixes every weight with all the others, so a pruned model's zeros would not "
+                             "survive it; rotate and quantize the float model, or prune after")
+        check_rotatable(model)
+    samples = None
+    if recipe.method == "gptq" or recipe.target_bits is not None:
+        samples = calibration_samples(tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed,
+                                      prompt_family)
+    extra = {}
+    if recipe.rotate:
+        extra["rotation"] = rotate_(model, seed=recipe.seed)
+    formats = None
+    if recipe.target_bits is not None:
+        plan = allocate_bits(model, samples, recipe.target_bits, recipe.group_size, recipe.sym,
+                             progress=sensitivity_progress)
+        formats, extra["allocation"] = plan.formats, plan.record()
     if recipe.method == "rtn":
-        summary = quantize_(model, QuantConfig(recipe.bits, recipe.group_size, recipe.sym))
+        summary: dict = {"quantized": [], "skipped": {}}
+        by_format = {}
+        for name, fmt in (formats or {}).items():
+            by_format.setdefault(fmt, set()).add(name)
+        schemes = [(f.bits, f.group_size, names) for f, names in by_format.items()] or \
+            [(recipe.bits, recipe.group_size, None)]
+        for bits, group_size, names in schemes:
+            part = quantize_(model, QuantConfig(bits, group_size, recipe.sym),
+                             None if names is None else lambda n, m, names=names: n in names)
+            summary["quantized"] += part["quantized"]
+            summary["skipped"].update(part["skipped"])
         if progress:
             progress(len(getattr(getattr(model, "model", model), "layers", [])))
-        return summary
+        return {**summary, **extra}
 
-    samples = calibration_samples(tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed, prompt_family)
-    return gptq_quantize_(model, samples, recipe.gptq_config(), device=device, progress=progress,
-                          keep_zeros=keep_zeros)
+    summary = gptq_quantize_(model, samples, recipe.gptq_config(), device=device, progress=progress,
+                             keep_zeros=keep_zeros, formats=formats)
+    return {**summary, **extra}

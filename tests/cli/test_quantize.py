@@ -59,7 +59,13 @@ def test_gptq_beats_rtn_on_the_model(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--group-size", "64"], "group size 64 does not divide in_features=96"),
-    (["--bits", "3", "--group-size", "32"], "'3' is not one of '4', '8'"),
+    (["--bits", "3", "--group-size", "32"], "'3' is not one of '4', '8', 'auto'"),
+    (["--bits", "auto", "--group-size", "32"], "--bits auto needs --target-bits"),
+    (["--target-bits", "5", "--group-size", "32"], "--bits auto needs --target-bits, and --target-bits needs"),
+    (["--bits", "auto", "--target-bits", "12", "--group-size", "32"], "12.0 is not in the range 4<=x<=9"),
+    # int4 per channel with fp32 scales and 4-bit zeros: 4 + 36/K bits (K = 96, 256 for down_proj) at the least
+    (["--bits", "auto", "--target-bits", "4.2", "--asym", "--group-size", "32"],
+     "--target-bits 4.2 is below the smallest model these formats make (4.316 bits per weight: int4 per-channel everywhere, 32-bit scales)"),
     (["--damp", "1.5", "--group-size", "32"], "damp"),
     (["--calib", "nowhere.txt", "--group-size", "32"], "neither 'alma'"),
     (["--method", "rtn", "--clip-search", "--group-size", "32"], "--clip-search weighs each input column"),
@@ -94,3 +100,57 @@ def test_existing_output_is_refused(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(main, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--group-size", "32",
                                        "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "--overwrite" in result.output
+
+
+def test_rotated_mixed_checkpoint(tiny_llama_dir, tmp_path):
+    """--rotate --bits auto: the allocation is recorded and within budget, every layer loads in its recorded
+    format, the head is untied, and the loaded model runs."""
+    from almak.modeling.allocate import Format
+    from almak.modeling.load import load_model
+
+    out = tmp_path / "mixed"
+    args = [a for a in FAST_GPTQ if a not in ("--bits", "4")]
+    result = CliRunner().invoke(main, ["quantize", str(tiny_llama_dir), *args, "--bits", "auto", "--target-bits",
+                                       "5", "--asym", "--rotate", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "randomized Hadamard 96 (residual) and 16 (heads), seed 0; lm_head untied" in result.output
+    recipe = json.loads((out / "almak_recipe.json").read_text())
+    alloc = recipe["allocation"]
+    assert recipe["rotate"] is True and recipe["target_bits"] == 5 and recipe["rotation"]["untied"] is True
+    assert f"{alloc['average_bits']:.3f} bits per weight" in result.output and len(alloc["formats"]) == 14
+    assert len(alloc["counts"]) >= 2  # the budget (5 bits) lies between the formats' costs: really mixed
+    lm = load_model(str(out), device="cpu")
+    model = lm.model
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert not json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+    stored, params = 0, 0
+    for name, fmt in alloc["formats"].items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, QuantLinear) and f"int{layer.bits} " in fmt, (name, fmt)
+        f = Format(layer.bits, layer.group_size)
+        assert str(f) == fmt
+        stored += f.stored_bits(layer.out_features, layer.in_features, sym=False, scale_bits=32)
+        params += layer.out_features * layer.in_features
+    assert stored / params == pytest.approx(alloc["average_bits"], abs=1e-4) and stored / params <= 5
+    ev = CliRunner().invoke(main, ["eval", str(out), "--limit", "2", "--metrics", "nll", "--format", "json"])
+    assert ev.exit_code == 0, ev.output
+
+
+def test_rotated_int8_keeps_the_function(tiny_llama_dir, tmp_path, tsv):
+    """A rotated int8 per-channel checkpoint scores the references as the float model does (rotation exact,
+    int8 nearly so); its norms are all 1."""
+    from almak.modeling.load import load_model
+
+    out = tmp_path / "w8-rot"
+    result = CliRunner().invoke(main, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "8",
+                                       "--group-size", "-1", "--rotate", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    nll = {}
+    for folder in (tiny_llama_dir, out):
+        ev = CliRunner().invoke(main, ["eval", str(folder), "--testset", str(tsv), "--lang-pair", "de-en",
+                                       "--limit", "4", "--metrics", "nll", "--format", "json"])
+        assert ev.exit_code == 0, ev.output
+        nll[folder] = json.loads(ev.stdout)["ppl"]
+    assert nll[out] == pytest.approx(nll[tiny_llama_dir], rel=2e-3)  # int8 rounding on a random model
+    model = load_model(str(out), device="cpu").model
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
