@@ -194,6 +194,14 @@ def print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
         click.echo(f"  {k:<{width}}  {v}")
 
 
+def print_columns(header: list[str], rows: list[list[str]]) -> None:
+    """A table with a header line: the first column left-aligned, the others (numbers) right-aligned."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        click.echo("  " + "  ".join(cells).rstrip())
+
+
 def fmt(x, digits=2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 

@@ -10,7 +10,11 @@ Formats read by :func:`load_testset`:
   direction comes from ``lang_pair`` or from a ``xx-yy`` in the file name.
 - Course-project JSONL: ``{"langs": "en-de", "src": ..., "ref": ...}`` (``mt``/``tgt`` there are system
   outputs, never references).
-- Plain text: a ``.tsv`` of ``source<TAB>reference`` lines (needs ``lang_pair``).
+- Plain text: a ``.tsv`` of ``source<TAB>reference`` lines; the direction comes from ``lang_pair`` or from a
+  ``xx-yy`` in the file name.
+
+:func:`load_testsets` reads several at once: ``wmt22:all`` (every bundled direction) or a comma-separated list
+of the above.
 """
 from __future__ import annotations
 
@@ -187,9 +191,10 @@ def load_testset(spec: str, lang_pair: str | None = None, flores_dir: str | Path
     if not path.is_file():
         raise AlmakError(f"test set {spec!r} is neither a bundled set (wmt22:de-en, ...) nor an existing file")
     if path.suffix == ".tsv":
-        if lang_pair is None:
-            raise AlmakError(f"{spec}: a .tsv test set needs --lang-pair")
-        src, tgt = parse_lang_pair(lang_pair)
+        pair = lang_pair or _pair_from_name(path)
+        if pair is None:
+            raise AlmakError(f"{spec}: a .tsv test set needs --lang-pair (or a direction in its name: test.de-en.tsv)")
+        src, tgt = parse_lang_pair(pair)
         rows = [line.split("\t") for line in read_lines(path, "test set")]
         bad = [i + 1 for i, r in enumerate(rows) if len(r) != 2]
         if bad:
@@ -224,6 +229,28 @@ def load_testset(spec: str, lang_pair: str | None = None, flores_dir: str | Path
         f"{spec}: unrecognised format (expected ALMA 'translation' records, course-project JSONL with "
         "'langs'/'src'/'ref', or a .tsv of source<TAB>reference)"
     )
+
+
+def load_testsets(spec: str, lang_pair: str | None = None, flores_dir: str | Path | None = None) -> list[TestSet]:
+    """The test sets of ``spec``: ``wmt22:all`` (the six bundled WMT22 directions) or a comma-separated list of what
+    :func:`load_testset` reads, each item once. Two items of the same direction are an AlmakError: reports key
+    directions by their language pair.
+
+    >>> [ts.lang_pair for ts in load_testsets("wmt22:de-en,wmt22:en-zh")]
+    ['de-en', 'en-zh']
+    """
+    items = [item.strip() for item in spec.split(",")]
+    if not all(items):
+        raise AlmakError(f"--testset {spec!r} has an empty item")
+    items = [i for item in items for i in ([f"wmt22:{p}" for p in WMT22_PAIRS] if item == "wmt22:all" else [item])]
+    testsets: dict[str, TestSet] = {}
+    for item in items:
+        ts = load_testset(item, lang_pair, flores_dir)
+        if ts.lang_pair in testsets:
+            raise AlmakError(f"--testset names the direction {ts.lang_pair} twice ({testsets[ts.lang_pair].name} and "
+                             f"{ts.name}); a run evaluates each direction once")
+        testsets[ts.lang_pair] = ts
+    return list(testsets.values())
 
 
 def calibration_pairs(pairs: tuple[str, ...] = ("cs", "de", "is", "ru", "zh")) -> dict[str, list[tuple[str, str]]]:

@@ -1,4 +1,5 @@
-"""``almak eval`` and ``almak score`` as library calls: translate a test set, score it, build a report."""
+"""``almak eval`` and ``almak score`` as library calls: translate a test set (or several, one direction each), score
+it, build a report."""
 from __future__ import annotations
 
 import datetime
@@ -15,6 +16,7 @@ import torch
 import almak
 from almak.errors import AlmakError
 from almak.eval import metrics as M
+from almak.eval.compare import mean_report
 from almak.eval.data import TestSet
 from almak.eval.generate import GenerationConfig, translate
 from almak.eval.prompts import Prompt
@@ -89,7 +91,7 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
     prompt = Prompt(config.prompt, testset.src, testset.tgt)
     if vllm:  # started once, with room for both the translations and the references
         refs = testset.references if "nll" in config.metrics else None
-        model.prepare(testset.sources, refs, prompt, config.generation)
+        model.prepare([(testset.sources, refs, prompt)], config.generation)
     tick = (lambda stage: progress(stage, len(testset.sources))) if progress else (lambda stage: None)
     report: dict = {
         "testset": testset.name,
@@ -128,6 +130,42 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
     return report, hyps
 
 
+# What every direction of one run shares, lifted to the top of a multi-direction report.
+RUN_FIELDS = ("prompt", "num_beams", "max_new_tokens", "engine", "cuda_graphs", "device", "dtype", "weight_bytes",
+              "almak_version")
+
+
+def evaluate_testsets(model, tokenizer, testsets: list[TestSet], config: EvalConfig,
+                      progress: Callable[[str, int], Callable[[int], None]] | None = None
+                      ) -> tuple[dict, dict[str, list[str]]]:
+    """:func:`evaluate` on each of ``testsets`` (one direction each) with the one loaded model; returns the report
+    ``{"directions": {pair: evaluate's report}, "mean": mean_report(...), ...}`` (the fields every direction
+    shares, and the largest peak memory, at the top) and the hypotheses of each direction. Progress stages are
+    named for their direction (``de-en translate``).
+
+    >>> report, hyps = evaluate_testsets(lm.model, lm.tokenizer, load_testsets("wmt22:all"),  # doctest: +SKIP
+    ...                                  EvalConfig(metrics=("nll",)))
+    >>> report["mean"]["ppl"], report["directions"]["de-en"]["ppl"]                             # doctest: +SKIP
+    """
+    if config.generation.engine == "vllm":  # started once, with room for every direction
+        refs = (lambda ts: ts.references) if "nll" in config.metrics else (lambda ts: None)
+        model.prepare([(ts.sources, refs(ts), Prompt(config.prompt, ts.src, ts.tgt)) for ts in testsets],
+                      config.generation)
+    directions, hyps = {}, {}
+    for ts in testsets:
+        step = None
+        if progress:
+            def step(stage, total, pair=ts.lang_pair):
+                return progress(f"{pair} {stage}", total)
+        directions[ts.lang_pair], hyps[ts.lang_pair] = evaluate(model, tokenizer, ts, config, step)
+    reports = list(directions.values())
+    peak = max(reports, key=lambda r: r["peak_memory_bytes"])
+    report = {key: reports[0][key] for key in RUN_FIELDS}
+    report.update(peak_memory_bytes=peak["peak_memory_bytes"], peak_memory_kind=peak["peak_memory_kind"],
+                  date=reports[-1]["date"], directions=directions, mean=mean_report(directions))
+    return report, hyps
+
+
 def check_new_output(path: Path, overwrite: bool, inputs: tuple = ()) -> None:
     """Refuse, before any work is done, an output that cannot or must not be written: one that exists (unless
     ``overwrite``), in a folder that does not exist or cannot be written, or one whose replacing would delete one of
@@ -157,13 +195,16 @@ def check_writable_place(path: Path, inputs: tuple = ()) -> None:
         raise AlmakError(f"cannot write in {str(path.parent)!r} ({e.strerror or e})") from None
 
 
-def write_eval_dir(out: Path, report: dict, hyps: list[str], overwrite: bool) -> None:
-    """``out/hyps.txt`` and ``out/report.json``, written into a temporary folder renamed at the end."""
+def write_eval_dir(out: Path, report: dict, hyps: list[str] | dict[str, list[str]], overwrite: bool) -> None:
+    """``out/hyps.txt`` (``out/hyps.de-en.txt`` ... for hypotheses given by direction) and ``out/report.json``,
+    written into a temporary folder renamed at the end."""
     check_new_output(out, overwrite)
+    files = {f"hyps.{pair}.txt": h for pair, h in hyps.items()} if isinstance(hyps, dict) else {"hyps.txt": hyps}
 
     def fill(tmp: Path) -> None:
-        if hyps:
-            (tmp / "hyps.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        for name, lines in files.items():
+            if lines:
+                (tmp / name).write_text("".join(h + "\n" for h in lines), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     write_dir_atomic(out, fill)

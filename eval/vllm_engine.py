@@ -238,12 +238,16 @@ class VllmEngine:
         built = [prompt.build(t, self.tokenizer) for t in texts]
         return self.tokenizer(built, add_special_tokens=not prompt.uses_chat_template)["input_ids"]
 
-    def prepare(self, sources: list[str], refs: list[str] | None, prompt: Prompt, config: GenerationConfig) -> None:
-        """Start the engine with room for translating ``sources`` and, given ``refs``, scoring them (eval)."""
-        todo = [s for s in sources if s.strip()]
-        need = max((len(p) for p in self._prompt_ids(todo, prompt)), default=0) + config.max_new_tokens + 1
-        if refs is not None:
-            need = max([need] + [len(p) + len(c) + 1 for p, c in prompt.encode_many(sources, refs, self.tokenizer)])
+    def prepare(self, sets: list[tuple[list[str], list[str] | None, Prompt]], config: GenerationConfig) -> None:
+        """Start the engine with room for translating the sources of each ``(sources, refs, prompt)`` and, given
+        ``refs``, scoring them (eval; several directions share one engine)."""
+        need = 0
+        for sources, refs, prompt in sets:
+            todo = [s for s in sources if s.strip()]
+            prompt_len = max((len(p) for p in self._prompt_ids(todo, prompt)), default=0)
+            need = max(need, prompt_len + config.max_new_tokens + 1)
+            if refs is not None:
+                need = max([need] + [len(p) + len(c) + 1 for p, c in prompt.encode_many(sources, refs, self.tokenizer)])
         beams = config.num_beams > 1
         self.start(need, config.batch_size * (config.num_beams if beams else 1), prefix_caching=beams)
 

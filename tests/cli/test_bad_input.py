@@ -229,6 +229,44 @@ def test_eval_bad_test_sets(tmp_path, name, content, extra, message):
     assert_refused(run(["eval", NO_MODEL, "--testset", testset, *extra, "--out", out]), message, out=out)
 
 
+@pytest.fixture
+def base_report(tmp_path) -> Path:
+    """An ``almak eval --out`` folder of wmt22:de-en,wmt22:en-de at --limit 3 --metrics nll."""
+    directions = {pair: {"testset": f"wmt22:{pair}", "lang_pair": pair, "n": 3, "nll": 2.0, "ppl": 7.39}
+                  for pair in ("de-en", "en-de")}
+    folder = tmp_path / "base"
+    folder.mkdir()
+    write(folder / "report.json", json.dumps({"model": "m", "directions": directions}))
+    return folder
+
+
+@pytest.mark.parametrize("testset, extra, message", [
+    ("wmt22:de-en,wmt22:xx-en", [], "no bundled WMT22 set 'xx-en'"),
+    ("wmt22:de-en,{tmp}/missing.tsv", [], "is neither a bundled set (wmt22:de-en, ...) nor an existing file"),
+    ("wmt22:all,wmt22:en-zh", [], "--testset names the direction en-zh twice (wmt22:en-zh and wmt22:en-zh); a run "
+                                  "evaluates each direction once"),
+    ("wmt22:de-en,", [], "--testset 'wmt22:de-en,' has an empty item"),
+    ("wmt22:de-en,wmt22:en-de", ["--limit", "3", "--metrics", "nll", "--baseline", "{base}"],
+     f"unknown model '{NO_MODEL}'"),  # a baseline that matches: refused no earlier than the model
+    ("wmt22:de-en", ["--limit", "3", "--metrics", "nll", "--baseline", "{base}"],
+     "the baseline '{base}' covers de-en, en-de, this run de-en: evaluate both with the same --testset"),
+    ("wmt22:de-en,wmt22:en-de", ["--limit", "2", "--metrics", "nll", "--baseline", "{base}/report.json"],
+     "has 3 sentences of de-en, this run 2: evaluate both with the same --limit"),
+    ("wmt22:en-de,wmt22:de-en", ["--limit", "3", "--baseline", "{base}"],
+     "has the metrics nll for en-de, this run bleu,chrf,nll: evaluate both with the same --metrics"),
+    ("wmt22:de-en", ["--baseline", "{tmp}/none.json"], "baseline report '{tmp}/none.json' does not exist"),
+    ("wmt22:de-en", ["--baseline", "{tmp}/base/../t.tsv.json"], "is not JSON"),
+    ("wmt22:de-en", ["--engine", "vllm", "--baseline", NO_MODEL],
+     "--baseline with a model runs two models in one process, which --engine vllm does not"),
+])
+def test_eval_bad_testset_lists_and_baselines(tmp_path, base_report, testset, extra, message):
+    write(tmp_path / "t.tsv.json", "not json")
+    fill = {"tmp": tmp_path, "base": base_report}
+    out = tmp_path / "run"
+    args = ["eval", NO_MODEL, "--testset", testset.format(**fill), *[a.format(**fill) for a in extra], "--out", out]
+    assert_refused(run(args), message.format(**fill), out=out)
+
+
 def test_score_mismatched_line_counts(tmp_path):
     a, b = write(tmp_path / "a", "x\ny\n"), write(tmp_path / "b", "x\n")
     assert_refused(run(["score", "--src", a, "--hyp", a, "--ref", b, "--lang-pair", "de-en"]),

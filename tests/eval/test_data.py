@@ -3,7 +3,7 @@ import json
 import pytest
 
 from almak.errors import AlmakError
-from almak.eval.data import WMT22_PAIRS, calibration_pairs, load_testset, read_lines
+from almak.eval.data import WMT22_PAIRS, calibration_pairs, load_testset, load_testsets, read_lines
 
 
 @pytest.mark.parametrize("pair", WMT22_PAIRS)
@@ -59,6 +59,31 @@ def test_tsv(tmp_path):
     path.write_text("Hallo\n", encoding="utf-8")
     with pytest.raises(AlmakError, match="line 1 does not have exactly two"):
         load_testset(str(path), "de-en")
+
+
+def test_tsv_direction_from_its_name(tmp_path):
+    path = tmp_path / "news.en-de.tsv"
+    path.write_text("Hello\tHallo\n", encoding="utf-8")
+    assert load_testset(str(path)).lang_pair == "en-de"
+    assert load_testset(str(path), "de-en").lang_pair == "de-en"  # --lang-pair wins, as for ALMA's files
+    unnamed = tmp_path / "t.tsv"
+    unnamed.write_text("a\tb\n", encoding="utf-8")
+    with pytest.raises(AlmakError, match="needs --lang-pair"):
+        load_testset(str(unnamed))
+
+
+def test_several_test_sets(tmp_path):
+    assert [ts.lang_pair for ts in load_testsets("wmt22:all")] == list(WMT22_PAIRS)
+    path = tmp_path / "mine.de-en.tsv"
+    path.write_text("Hallo\tHello\n", encoding="utf-8")
+    testsets = load_testsets(f"wmt22:en-zh, {path}")
+    assert [(ts.name, ts.lang_pair) for ts in testsets] == [("wmt22:en-zh", "en-zh"), (str(path), "de-en")]
+    with pytest.raises(AlmakError, match=r"names the direction de-en twice \(wmt22:de-en and .*mine.de-en.tsv\)"):
+        load_testsets(f"wmt22:all,{path}")
+    with pytest.raises(AlmakError, match="has an empty item"):
+        load_testsets("wmt22:de-en,")
+    with pytest.raises(AlmakError, match="no bundled WMT22 set 'xx-en'"):
+        load_testsets("wmt22:de-en,wmt22:xx-en")
 
 
 @pytest.mark.parametrize("spec, message", [
