@@ -91,18 +91,19 @@ def rss_mib() -> float:
 # ----------------------------------------------------------------------------------------------- child
 
 
-def perplexity(model, tokenizer, limit: int) -> tuple[float, float]:
+def perplexity(model, tokenizer, limit: int, testset: str = TESTSET) -> tuple[float, float]:
     from almak.eval.data import load_testset
     from almak.eval.metrics import reference_nll
     from almak.eval.prompts import Prompt
 
-    ts = load_testset(TESTSET).head(limit)
+    ts = load_testset(testset).head(limit)
     t0 = time.perf_counter()
     nll = reference_nll(model, tokenizer, ts.sources, ts.references, Prompt("alma", ts.src, ts.tgt))
     return nll.ppl, time.perf_counter() - t0
 
 
-def llmc_quantize(model, tokenizer, samples, seqlen: int) -> dict:
+def llmc_quantize(model, tokenizer, samples, seqlen: int, bits: int = BITS, group_size: int = GROUP_SIZE) -> dict:
+    """``oneshot`` GPTQ (asymmetric, static act-order, lm_head kept); ``group_size`` -1: one scale per channel."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -116,8 +117,9 @@ def llmc_quantize(model, tokenizer, samples, seqlen: int) -> dict:
         ignore=["lm_head"],
         config_groups={"group_0": {
             "targets": ["Linear"],
-            "weights": {"num_bits": BITS, "type": "int", "symmetric": SYM, "strategy": "group",
-                        "group_size": GROUP_SIZE},
+            "weights": {"num_bits": bits, "type": "int", "symmetric": SYM, "strategy": "group",
+                        "group_size": group_size} if group_size != -1 else
+                       {"num_bits": bits, "type": "int", "symmetric": SYM, "strategy": "channel"},
         }},
         actorder="static",
         dampening_frac=DAMP,
@@ -128,8 +130,9 @@ def llmc_quantize(model, tokenizer, samples, seqlen: int) -> dict:
     return {"quant_s": time.perf_counter() - t0, "settings": {"recipe": repr(recipe)}}
 
 
-def llmc_check(model, fix: bool = True) -> dict:
-    """Are the Linear weights llm-compressor quantized exactly on their int4 grid (so the forward is int4)?"""
+def llmc_check(model, fix: bool = True, bits: int = BITS, group_size: int = GROUP_SIZE) -> dict:
+    """Are the Linear weights llm-compressor quantized exactly on their int``bits`` grid (so the forward is
+    int``bits``)? ``group_size`` -1: per channel."""
     import torch
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
@@ -145,7 +148,7 @@ def llmc_check(model, fix: bool = True) -> dict:
             w = m.weight.data
             fq = fake_quantize(w, m.weight_scale, zp, scheme.weights)
             diff = float((fq - w).abs().max())
-            g = w.reshape(-1, GROUP_SIZE).sort(dim=1).values  # static act-order keeps groups contiguous
+            g = w.reshape(-1, w.shape[1] if group_size == -1 else group_size).sort(dim=1).values  # static act-order keeps groups contiguous
             levels = int((g.diff(dim=1) != 0).sum(dim=1).max()) + 1
             n += 1
             names.append(name)
@@ -155,7 +158,7 @@ def llmc_check(model, fix: bool = True) -> dict:
     out = {"quantized_linears": n, "max_abs_refakequant_diff": max_diff,
            "max_distinct_values_per_group": max_levels, "quantization_status": sorted(statuses),
            "lm_head_quantized": any(x.endswith("lm_head") for x in names)}
-    out["on_grid"] = max_diff <= 1e-6 and max_levels <= 2**BITS
+    out["on_grid"] = max_diff <= 1e-6 and max_levels <= 2**bits
     out["weights_replaced_by_fake_quantized"] = bool(fix and not out["on_grid"])
     return out
 
@@ -217,10 +220,11 @@ def child(method: str, nsamples: int, seqlen: int, limit: int) -> dict:
 # ---------------------------------------------------------------------------------------------- parent
 
 
-def run_child(method: str, args, script: str = __file__) -> dict:
-    """Run ``script --method method`` (this benchmark's, or another's with the same options) in a child."""
+def run_child(method: str, args, script: str = __file__, extra: tuple[str, ...] = ()) -> dict:
+    """Run ``script --method method`` (this benchmark's, or another's with the same options, plus ``extra``
+    options) in a child."""
     cmd = [sys.executable, str(Path(script).resolve()), "--method", method, "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--limit", str(args.limit)]
+           "--seqlen", str(args.seqlen), "--limit", str(args.limit), *extra]
     print(f"== {method} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as cwd:  # llm-compressor may write logs into the working directory
