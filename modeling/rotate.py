@@ -68,13 +68,6 @@ def check_rotatable(model: nn.Module) -> None:
     for norm in norms:
         if "RMSNorm" not in type(norm).__name__ or getattr(norm, "bias", None) is not None:
             raise AlmakError(f"rotation needs RMSNorm layers without bias; found {type(norm).__name__}")
-    linears = [head] + [m for layer in layers for m in layer.modules() if m is not layer]
-    for m in linears:
-        if isinstance(m, nn.Linear) or not hasattr(m, "weight") or m is head:
-            continue
-        if "Norm" not in type(m).__name__ and "Embedding" not in type(m).__name__:
-            raise AlmakError(f"rotation needs float nn.Linear projections; found {type(m).__name__} (rotate the float "
-                             "model before quantizing or pruning it)")
     if not isinstance(head, nn.Linear):
         raise AlmakError(f"rotation needs a float nn.Linear lm_head; found {type(head).__name__}")
     for layer in layers:

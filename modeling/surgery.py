@@ -279,7 +279,9 @@ class QuantizeRecipe:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 4 <= t <= 9:
                 raise AlmakError(f"target bits must be a number of bits per weight between 4 and 9 (int4 with its "
                                  f"scales costs a little over 4, int8 a little over 8), got {t!r}")
-            self.bits = 4
+            if self.bits != 4:
+                raise AlmakError(f"target_bits chooses each projection's bits (int4 or int8); leave bits at 4, "
+                                 f"got bits={self.bits!r}")
         if self.clip_search is None:
             self.clip_search = self.method == "gptq"
         if self.clip_search and self.method != "gptq":

@@ -123,3 +123,13 @@ def test_sensitive_projection_gets_int8_within_budget(monkeypatch):
     assert allocate_bits(model, SAMPLES, 6.0, 32, False).estimated_loss <= plan.estimated_loss
     with pytest.raises(AlmakError, match="below the smallest model"):
         allocate_bits(model, SAMPLES, 4.1, 32, False)  # int4 per channel with fp32 scales: 4 + 36/96 at best
+
+
+def test_recipe_checks_target_bits():
+    from almak.modeling.surgery import QuantizeRecipe
+
+    assert QuantizeRecipe(target_bits=4.5).bits == 4
+    with pytest.raises(AlmakError, match="leave bits at 4, got bits=8"):
+        QuantizeRecipe(bits=8, target_bits=5)
+    with pytest.raises(AlmakError, match="between 4 and 9"):
+        QuantizeRecipe(target_bits=3.5)
