@@ -15,17 +15,17 @@ ru-en, en-ru, zh-en, en-zh (the same sentences for every point), their plain mea
 the point's weight bytes. The points (``--methods`` picks a subset, run in the order given):
 
 - ``float``: the unquantized model;
-- ``almak-{rtn,gptq}-{w8ch,w4g64,w4g128,w4ch}``: :func:`almak.modeling.surgery.quantize_model` with
+- ``almak-{rtn,gptq}-{w8ch,w4g32,w4g64,w4ch}``: :func:`almak.modeling.surgery.quantize_model` with
   ``QuantizeRecipe(method, bits, group_size, sym=False, calib="alma", nsamples, seqlen)``: int8 per channel,
-  int4 in groups of 64 or 128 columns, int4 per channel; asymmetric. Everything else is the recipe's default,
+  int4 in groups of 32 or 64 columns, int4 per channel; asymmetric. Everything else is the recipe's default,
   i.e. what ``almak quantize`` does: GPTQ with static act-order, damping 0.01 and ``clip_search`` (each group's
   range searched for the least H-weighted rounding error), calibrated on almak's ``alma`` samples (every ALMA
   direction both ways, ``prompt_family="alma"``, seed 0); lm_head (tied to the embeddings) kept in float;
-- ``almak-{rtn,gptq}-{w4g64,w4g128,w4ch}-rot``: the same with ``rotate=True`` (a fused randomized-Hadamard
+- ``almak-{rtn,gptq}-{w4g32,w4g64,w4ch}-rot``: the same with ``rotate=True`` (a fused randomized-Hadamard
   rotation before quantizing);
-- ``almak-gptq-mixed{4.25,4.5}-rot``: GPTQ with ``rotate=True`` and ``target_bits`` 4.25 / 4.5: int4 g128 or
+- ``almak-gptq-mixed{4.25,4.5}-rot``: GPTQ with ``rotate=True`` and ``target_bits`` 4.25 / 4.5: int4 per channel, int4 g64 or
   int8 per channel layer by layer, under that average bits-per-weight budget;
-- ``llmcompressor-gptq-{w8ch,w4g64,w4g128,w4ch}``: ``llmcompressor.oneshot`` with a ``GPTQModifier``, exactly as
+- ``llmcompressor-gptq-{w8ch,w4g32,w4g64,w4ch}``: ``llmcompressor.oneshot`` with a ``GPTQModifier``, exactly as
   ``gptq_vs_llmcompressor.py``'s ``llmc_quantize`` (asymmetric, static act-order, ``dampening_frac=0.01``,
   targets Linear, ignore lm_head) with that bits / group size, calibrated on the very samples almak's GPTQ
   builds (``calibration_samples(tokenizer, "alma", nsamples, seqlen, seed=0, prompt_family="alma")``). It
@@ -84,9 +84,11 @@ from gptq_vs_llmcompressor import (DAMP, MARK, MODEL, RESULTS_DIR, SYM, device_n
 
 DIRECTIONS = ("de-en", "en-de", "ru-en", "en-ru", "zh-en", "en-zh")
 CALIB, SEED, PROMPT_FAMILY = "alma", 0, "alma"
-SCHEMES = {"w8ch": (8, -1), "w4g64": (4, 64), "w4g128": (4, 128), "w4ch": (4, -1)}  # tag -> (bits, group size)
+# tag -> (bits, group size). No g128: it does not divide the embedded model's 576 (compressed-tensors, and so
+# almak's writer, refuse ragged groups); g32 is the finer setting that does.
+SCHEMES = {"w8ch": (8, -1), "w4g32": (4, 32), "w4g64": (4, 64), "w4ch": (4, -1)}
 TARGET_BITS = (4.25, 4.5)
-MIXED_GROUP_SIZE = 128
+MIXED_GROUP_SIZE = 64  # the int4 groups mixed precision chooses from, besides per channel
 # The projection tensors that the compressed-tensors accounting replaces (the rest of such a module counts as float).
 ALMAK_QUANT_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "input_perm")
 LLMC_QUANT_TENSORS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")
