@@ -71,8 +71,6 @@ import argparse
 import datetime
 import json
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -80,7 +78,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_vs_llmcompressor import (DAMP, MARK, MODEL, RESULTS_DIR, SYM, device_name, llmc_check,  # noqa: E402
-                                   llmc_quantize, perplexity, rss_mib, run_child, versions)
+                                   llmc_quantize, perplexity, rss_mib, run_child, run_header)
 
 DIRECTIONS = ("de-en", "en-de", "ru-en", "en-ru", "zh-en", "en-zh")
 CALIB, SEED, PROMPT_FAMILY = "alma", 0, "alma"
@@ -428,15 +426,10 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     doc = {
-        "benchmark": "frontier",
-        "date": started.isoformat(timespec="seconds"),
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "versions": versions(),
+        **run_header("frontier", started, device),
         "settings": {
             "model": MODEL, "dtype": "float32", "device": "cpu",
-            "scheme": {"sym": SYM, "damp": DAMP, "act_order": "static", "lm_head": "not quantized (tied)",
+            "scheme": {"sym": SYM, "damp": DAMP, "act_order": "static", "lm_head": "not quantized (tied; the rotated points untie it)",
                        "almak": "QuantizeRecipe defaults otherwise (GPTQ: clip_search on)",
                        "mixed_int4_group_size": MIXED_GROUP_SIZE},
             "calibration": {"set": CALIB, "prompt_family": PROMPT_FAMILY, "seed": SEED, "nsamples": args.nsamples,

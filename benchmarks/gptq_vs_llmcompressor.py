@@ -84,6 +84,12 @@ def versions() -> dict:
     return out
 
 
+def run_header(benchmark: str, started: datetime.datetime, device: str) -> dict:
+    """The fields every results JSON opens with: what ran, when, where, with which versions."""
+    return {"benchmark": benchmark, "date": started.isoformat(timespec="seconds"), "device": device,
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "versions": versions()}
+
+
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -305,12 +311,7 @@ def main(argv=None) -> None:
     res = {m: run_child(m, args) for m in methods}
     summary = ratios(res)
     doc = {
-        "benchmark": "gptq-vs-llmcompressor",
-        "date": started.isoformat(timespec="seconds"),
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "versions": versions(),
+        **run_header("gptq-vs-llmcompressor", started, device),
         "settings": {
             "model": MODEL, "dtype": "float32", "device": "cpu",
             "scheme": {"bits": BITS, "group_size": GROUP_SIZE, "sym": SYM, "damp": DAMP, "act_order": "static",
