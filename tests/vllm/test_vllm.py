@@ -51,7 +51,7 @@ def _vllm_installed():
 def run_almak(*args, timeout=600) -> subprocess.CompletedProcess:
     """``almak ARGS`` in a subprocess of this environment, vLLM's KV cache held to 1 GiB unless set."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    return subprocess.run([sys.executable, "-m", "almak.cli.main", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-P", "-m", "almak.cli.main", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=timeout)
 
 
@@ -171,7 +171,7 @@ def test_beam_search_matches_almak_in_float32(tmp_path):
 def test_translate_and_vllm_serve_give_the_same_translation(checkpoints, tmp_path):
     """The README's serving recipe: an almak int4 checkpoint under vLLM's OpenAI-compatible server, asked for the
     ALMA prompt's completion, answers what ``almak translate --engine vllm`` writes. The server is started as
-    ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs): vllm-cpu 0.32.0's ``vllm``
+    ``python -P -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs): vllm-cpu 0.32.0's ``vllm``
     command fails looking up the version of a package named ``vllm``."""
     require_vllm_int4_kernel()
     model = checkpoints("gptq-w4-sym")
@@ -185,7 +185,7 @@ def test_translate_and_vllm_serve_give_the_same_translation(checkpoints, tmp_pat
 
     port = _free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+    server = subprocess.Popen([sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                                "--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
