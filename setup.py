@@ -44,7 +44,7 @@ setup(
         "vllm": ["vllm>=0.32"],
         # compressed-tensors only proves interoperability in tests; `make test` pins it per environment
         # (0.20 beside transformers 5, 0.14, the last that reads sparse-24-bitmask, beside transformers 4.57).
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "compressed-tensors>=0.14", "import-linter>=2.1"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "compressed-tensors>=0.14", "import-linter>=2.1"],
     },
     entry_points={"console_scripts": ["almak=almak.cli.main:main"]},
 )

@@ -79,6 +79,28 @@ PATH_M = {"decode": (1, 16), "prefill": (64, 128)}
 W4_GROUP = 128  # the common GPTQ/AWQ layout; int8 is per output channel
 
 
+# The kernel files each kernel's compiled code comes from: its own file and the files it imports.
+KERNEL_DEPS = {"w4a16": ("_triton.py", "common.py", "w4a16.py"),
+               "w8a16": ("_triton.py", "common.py", "w4a16.py", "w8a16.py"),
+               "sparse24": ("_triton.py", "common.py", "w4a16.py", "sparse24.py"),
+               "sparse24_w4a16": ("_triton.py", "common.py", "w4a16.py", "sparse24.py")}
+
+
+def kernel_hashes() -> dict[str, str]:
+    """Per kernel, sha256 of the files it compiles from and of the compiling Triton's version: a kernel whose
+    hash matches a report's compiles to that report's records (make test compiles only the others)."""
+    import triton
+
+    out = {}
+    for kernel, files in KERNEL_DEPS.items():
+        h = hashlib.sha256(f"triton {triton.__version__}".encode())
+        for name in files:
+            h.update(name.encode())
+            h.update((ROOT / "kernels" / name).read_bytes())
+        out[kernel] = h.hexdigest()
+    return out
+
+
 def source_hash() -> str:
     """sha256 of the kernel files the report compiles, so a report can be matched to the code."""
     h = hashlib.sha256()
@@ -382,12 +404,12 @@ def write_json(report: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def jobs(kernels, arches, sass_dir=None, activations: str = "float16") -> list[dict]:
+def jobs(kernels, arches, sass_dir=None, activations: str = "float16", first_config: bool = False) -> list[dict]:
     out = []
     shape = SHAPES["alma-7b"][1]  # any ALMA shape: N and K divisible by 16 specialize the same
     for kernel in kernels:
         for path, Ms in PATH_M.items():
-            for config in _configs(kernel, path):
+            for config in _configs(kernel, path)[:1] if first_config else _configs(kernel, path):
                 for arch in arches:
                     for M in (Ms if path == "decode" else Ms[:1]):
                         out.append(dict(kernel=kernel, path=path, config=_config_id(config), arch=arch, M=M,
@@ -414,7 +436,7 @@ def _ensure_importable() -> None:
 
 
 def run(kernels=KERNELS, arches=ARCHES, workers: int | None = None, sass_dir: str | None = None,
-        progress=None, activations: str = "float16") -> dict:
+        progress=None, activations: str = "float16", first_config: bool = False) -> dict:
     """Compile every case and return the report (a dict ready for JSON). Needs a process whose almak kernels
     are JIT functions: TRITON_INTERPRET unset or 0 when almak.kernels is first imported (main() sees to it)."""
     _ensure_importable()
@@ -423,7 +445,7 @@ def run(kernels=KERNELS, arches=ARCHES, workers: int | None = None, sass_dir: st
     if INTERPRET:
         raise RuntimeError("almak.kernels was imported under TRITON_INTERPRET=1; run the report in a process "
                            "without it")
-    todo = jobs(kernels, arches, sass_dir, activations)
+    todo = jobs(kernels, arches, sass_dir, activations, first_config)
     workers = workers or min(len(todo), os.cpu_count() or 1)
     compiled = []
     t0 = time.perf_counter()
@@ -438,6 +460,7 @@ def run(kernels=KERNELS, arches=ARCHES, workers: int | None = None, sass_dir: st
     return dict(
         note="PREDICTED from compiled code and published GPU figures; nothing here was measured on a GPU.",
         source_hash=source_hash(),
+        kernel_hashes={k: v for k, v in kernel_hashes().items() if k in kernels},
         triton=triton.__version__,
         date=time.strftime("%Y-%m-%d"),
         model=__doc__.split("speedup over an fp16 GEMV/GEMM")[1].split("Nothing here")[0].strip(),
@@ -467,6 +490,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--sass-dir", default=None, help="also write each compiled kernel's SASS (gzip) here")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per core)")
+    parser.add_argument("--first-config", action="store_true",
+                        help="only the first autotune config of each kernel and path (make test's spot check)")
     parser.add_argument("--activations", choices=("float16", "bfloat16"), default="float16",
                         help="activation dtype the kernels are compiled for (default: %(default)s; the committed "
                              "report is float16)")
@@ -485,7 +510,7 @@ def main(argv=None) -> None:
         print(f"[{done}/{total}] {rec['kernel']} {rec['path']} {rec['config']} sm_{rec['arch']} M={rec['M']}: "
               f"{rec['registers']} regs, loop {rec['sass_loop']} instrs", file=sys.stderr)
 
-    report = run(kernels, arches, args.workers, args.sass_dir, progress, args.activations)
+    report = run(kernels, arches, args.workers, args.sass_dir, progress, args.activations, args.first_config)
     write_json(report, args.out)
     print(f"wrote {args.out} ({len(report['records'])} records)", file=sys.stderr)
     if not args.no_plot:

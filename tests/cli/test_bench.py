@@ -6,6 +6,8 @@ from click.testing import CliRunner
 
 from almak.cli.main import main
 
+pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
+
 FAST = ["--batch-sizes", "1,2", "--prompt-len", "6", "--gen-len", "3", "--repeats", "1"]
 
 

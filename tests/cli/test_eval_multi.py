@@ -9,6 +9,8 @@ from click.testing import CliRunner
 from almak.cli.main import main
 from almak.eval.data import load_testset
 
+pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
+
 NLL = ["--metrics", "nll", "--device", "cpu", "--dtype", "float32", "--format", "json"]
 
 

@@ -6,6 +6,8 @@ from click.testing import CliRunner
 
 from almak.cli.main import main
 
+pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
+
 FAST = ["--num-beams", "1", "--max-new-tokens", "12", "--device", "cpu"]
 
 

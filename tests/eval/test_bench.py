@@ -5,6 +5,8 @@ import torch
 from almak.errors import AlmakError
 from almak.eval.bench import BenchConfig, run_bench, summarize
 
+pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):

@@ -19,6 +19,8 @@ from click.testing import CliRunner
 
 from almak.cli.main import main
 
+pytestmark = pytest.mark.transformers  # COMET runs an XLM-R encoder through transformers (tests/conftest.py)
+
 SOURCES = ["Das Haus ist klein.", "Der Hund schläft im Garten.", "Es regnet seit drei Tagen."]
 HYPS = ["The house is small.", "The dog sleeps in the garden.", "It rains since three days."]
 REFS = ["The house is small.", "The dog is sleeping in the garden.", "It has been raining for three days."]

@@ -10,6 +10,8 @@ from almak.errors import AlmakError
 from almak.eval.generate import GenerationConfig, LineStop, _beam_search, translate
 from almak.eval.prompts import Prompt
 
+pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def sources():

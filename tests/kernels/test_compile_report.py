@@ -1,8 +1,11 @@
 """The static compile report (benchmarks/kernel_report.py): its SASS accounting, and the CI checks on every
 kernel config compiled for every GPU architecture without a GPU.
 
-The full compile runs once per test session in a subprocess (the kernels must be JIT functions there, not the
-interpreter's) and takes a few minutes on two cores; `make test-comet` skips it (same kernels, same Triton).
+The compile runs once per test session in a subprocess (the kernels must be JIT functions there, not the
+interpreter's). It compiles every config of every kernel whose sources (or Triton) changed since the committed
+report was written, and the first config of each other kernel and path for sm_90, which must reproduce the committed
+records exactly; the checks then run on the committed records with the recompiled ones in place. The full compile
+(a few minutes on two cores) is `make kernel-report`. `make test-comet` skips these tests (same kernels, same Triton).
 """
 
 import json
@@ -68,14 +71,63 @@ def test_loop_stats_counts_the_loop_body():
     assert stats.opcodes == Counter({"LDG": 2, "LOP3": 1, "BRA": 1})
 
 
-@pytest.fixture(scope="session")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("static") / "report.json"
+COMMITTED = BENCH / "results" / "static-report.json"
+SPOT_ARCH = 90
+# What a spot compile must reproduce of a committed record (the predictions follow from these).
+SPOT_FIELDS = ("registers", "spill_bytes", "shared_bytes", "sass_loop_instructions", "sass_total_instructions",
+               "weight_load_bits", "weight_requests_per_byte")
+
+
+def compile_report(out: Path, *args) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, str(BENCH / "kernel_report.py"), "--out", str(out), "--no-plot"],
+    proc = subprocess.run([sys.executable, str(BENCH / "kernel_report.py"), "--out", str(out), "--no-plot", *args],
                           env=env, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def compiled_now(tmp_path_factory) -> dict:
+    """``{"changed": [...], "full": report of the changed kernels or None, "spot": report of the others' first
+    configs on sm_90 or None}``."""
+    import kernel_report
+
+    committed = json.loads(COMMITTED.read_text())
+    old = committed.get("kernel_hashes", {})
+    changed = [k for k, h in kernel_report.kernel_hashes().items() if old.get(k) != h]
+    same = [k for k in kernel_report.KERNELS if k not in changed]
+    tmp = tmp_path_factory.mktemp("static")
+    full = compile_report(tmp / "full.json", "--kernels", ",".join(changed)) if changed else None
+    spot = compile_report(tmp / "spot.json", "--kernels", ",".join(same), "--arches", str(SPOT_ARCH),
+                          "--first-config") if same else None
+    return dict(changed=changed, full=full, spot=spot, committed=committed)
+
+
+@pytest.fixture(scope="session")
+def report(compiled_now) -> dict:
+    """The committed report's records, those of changed kernels replaced by what they compile to now."""
+    changed = set(compiled_now["changed"])
+    records = [r for r in compiled_now["committed"]["records"] if r["kernel"] not in changed]
+    if compiled_now["full"]:
+        records += compiled_now["full"]["records"]
+    return dict(compiled_now["committed"], records=records)
+
+
+@pytest.mark.static_report
+def test_unchanged_kernels_compile_to_the_committed_records(compiled_now):
+    import kernel_report
+
+    if not compiled_now["spot"]:
+        pytest.skip("every kernel changed: all were compiled in full")
+    key = ("kernel", "path", "config", "arch", "model", "M", "N", "K")
+    committed = {tuple(r[k] for k in key): r for r in compiled_now["committed"]["records"]}
+    spot = compiled_now["spot"]["records"]
+    assert {r["kernel"] for r in spot} == set(kernel_report.KERNELS) - set(compiled_now["changed"])
+    for r in spot:
+        old = committed[tuple(r[k] for k in key)]
+        assert {f: r[f] for f in SPOT_FIELDS} == {f: old[f] for f in SPOT_FIELDS}, (
+            f"{r['kernel']} {r['path']} {r['config']} {r['arch']} no longer compiles to the committed report's "
+            "record with the same sources: run `make kernel-report` and commit the result")
 
 
 def _compiled(report):

@@ -17,6 +17,8 @@ from almak.modeling.allocate import (
     projection_groups,
 )
 
+pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
+
 
 def test_stored_bits_count_codes_scales_and_zeros():
     # 192 x 96, int4 g32 asym, fp16 scales: 4-bit codes, per (row, group) one 16-bit scale and one 4-bit zero

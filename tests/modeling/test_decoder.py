@@ -9,6 +9,8 @@ import torch
 from almak.errors import AlmakError
 from almak.modeling.decoder import Decoder, check_supported
 
+pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
+
 # fp32 on the CPU: the same math in another order (SDPA over a masked static cache vs transformers'
 # dynamic cache) agrees to ~1e-5 on logits of size ~10; 1e-4 leaves room for other CPUs' kernels.
 TOL = dict(atol=1e-4, rtol=1e-4)

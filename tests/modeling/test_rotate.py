@@ -9,6 +9,8 @@ from almak.modeling.quant_linear import QuantLinear
 from almak.modeling.rotate import rotate_
 from almak.modeling.surgery import QuantConfig, quantize_
 
+pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
+
 SIZES = dict(vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=128)
 

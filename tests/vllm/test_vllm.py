@@ -43,6 +43,9 @@ def _require_vllm() -> None:
     pytest.skip("vLLM is not installed (make test-vllm runs these tests in .venv-vllm)")
 
 
+pytestmark = pytest.mark.transformers  # vLLM and almak subprocesses load models (tests/conftest.py)
+
+
 @pytest.fixture(autouse=True)
 def _vllm_installed():
     _require_vllm()
