@@ -6,7 +6,8 @@ The import package `almak` is this repository's root (`package_dir={"almak": "."
 """
 from setuptools import setup
 
-SUBPACKAGES = ["kernels", "quant", "sparse", "modeling", "modeling.checkpoint", "cli", "eval"]
+SUBPACKAGES = ["kernels", "quant", "sparse", "modeling", "modeling.text", "modeling.nn", "modeling.checkpoint",
+               "modeling.engines", "modeling.pipelines", "cli", "eval"]
 
 setup(
     name="almak",

@@ -15,7 +15,7 @@ ru-en, en-ru, zh-en, en-zh (the same sentences for every point), their plain mea
 the point's weight bytes. The points (``--methods`` picks a subset, run in the order given):
 
 - ``float``: the unquantized model;
-- ``almak-{rtn,gptq}-{w8ch,w4g32,w4g64,w4ch}``: :func:`almak.modeling.surgery.quantize_model` with
+- ``almak-{rtn,gptq}-{w8ch,w4g32,w4g64,w4ch}``: :func:`almak.modeling.nn.surgery.quantize_model` with
   ``QuantizeRecipe(method, bits, group_size, sym=False, calib="alma", nsamples, seqlen)``: int8 per channel,
   int4 in groups of 32 or 64 columns, int4 per channel; asymmetric. Everything else is the recipe's default,
   i.e. what ``almak quantize`` does: GPTQ with static act-order, damping 0.01 and ``clip_search`` (each group's
@@ -77,8 +77,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_vs_llmcompressor import (DAMP, MARK, MODEL, RESULTS_DIR, SYM, device_name, llmc_check,  # noqa: E402
-                                   llmc_quantize, perplexity, rss_mib, run_child, run_header)
+from gptq_vs_llmcompressor import (  # noqa: E402
+    DAMP,
+    MARK,
+    MODEL,
+    RESULTS_DIR,
+    SYM,
+    device_name,
+    llmc_check,
+    llmc_quantize,
+    perplexity,
+    rss_mib,
+    run_child,
+    run_header,
+)
 
 DIRECTIONS = ("de-en", "en-de", "ru-en", "en-ru", "zh-en", "en-zh")
 CALIB, SEED, PROMPT_FAMILY = "alma", 0, "alma"
@@ -138,7 +150,7 @@ def stored_bytes(model) -> dict:
     import torch
 
     from almak.modeling.checkpoint.pack_quantized import layer_tensors
-    from almak.modeling.quant_linear import QuantLinear
+    from almak.modeling.nn.quant_linear import QuantLinear
 
     seen: set = set()
     acc = {"float": 0, "codes": 0, "scales": 0, "zeros": 0, "shapes": 0}
@@ -234,7 +246,7 @@ def child(name: str, nsamples: int, seqlen: int, limit_de_en: int, limit: int) -
                  "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     samples = None
     if p.method == "gptq":
-        from almak.modeling.calibrate import calibration_samples
+        from almak.modeling.pipelines.calibrate import calibration_samples
 
         # the samples almak's quantize_model builds from the recipe; llm-compressor is given these very ones
         samples = calibration_samples(tok, CALIB, nsamples, seqlen, SEED, PROMPT_FAMILY)
@@ -244,7 +256,7 @@ def child(name: str, nsamples: int, seqlen: int, limit_de_en: int, limit: int) -
     rec["rss_loaded_mib"] = rss_mib()
 
     if p.lib == "almak":
-        from almak.modeling.surgery import QuantizeRecipe, quantize_model
+        from almak.modeling.nn.surgery import QuantizeRecipe, quantize_model
 
         new = {}  # fields being added to QuantizeRecipe: only where a point uses them
         if p.rotate:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/generate_vs_hf.py [--limit-greedy 24] [--limit-beam 8] [--repeats 2] [--device cpu]
 
 What it measures, on the embedded model (``smollm2-135m``, fp32 on the CPU, or ``--dtype`` on a GPU): the wall
-time of :func:`almak.eval.generate.translate` over the first WMT22 de-en sentences under the ALMA prompt, with
+time of :func:`almak.modeling.engines.generate.translate` over the first WMT22 de-en sentences under the ALMA prompt, with
 ``engine="almak"`` and ``engine="hf"``, in three settings: greedy at batch 1, greedy at batch 8 (``--limit-greedy``
 sentences each) and beam 5 at batch 8 (``--limit-beam`` sentences), 256 new tokens at most, as ``almak translate``
 does. Runs alternate between the engines (almak, hf, almak, hf, ...) so that machine noise hits both alike; the
@@ -43,10 +43,10 @@ def main(argv=None) -> int:
     import transformers
 
     from almak.eval.bench import device_name
-    from almak.eval.data import load_testset
-    from almak.eval.generate import GenerationConfig, translate
-    from almak.eval.prompts import Prompt
+    from almak.modeling.engines.generate import GenerationConfig, translate
     from almak.modeling.load import load_model
+    from almak.modeling.text.data import load_testset
+    from almak.modeling.text.prompts import Prompt
 
     lm = load_model("smollm2-135m", device=args.device, dtype=args.dtype)
     testset = load_testset("wmt22:de-en")

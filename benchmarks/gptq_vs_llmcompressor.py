@@ -22,11 +22,11 @@ prompt (:func:`almak.eval.metrics.reference_nll`) for
 - ``llmcompressor-gptq``: ``llmcompressor.oneshot`` with a ``GPTQModifier`` (int4 asymmetric, group 64,
   static act-order (``actorder="static"``, an alias of ``"weight"``), ``dampening_frac=0.01``, targets
   Linear, ignore lm_head) calibrated on almak's ``alma:de-en`` calibration samples;
-- ``almak-gptq``: :func:`almak.modeling.surgery.gptq_quantize_` with the same scheme on the same samples;
+- ``almak-gptq``: :func:`almak.modeling.nn.surgery.gptq_quantize_` with the same scheme on the same samples;
 - ``almak-gptq-alma``: the same on almak's default ``alma`` samples (every ALMA direction);
 - ``almak-gptq-clip``, ``almak-gptq-alma-clip``: ``almak-gptq`` and ``almak-gptq-alma`` with ``clip_search``
   (each group's range searched for the least H-weighted rounding error; ``almak quantize``'s default);
-- ``almak-rtn``: :func:`almak.modeling.surgery.quantize_`, round to nearest with the same scheme.
+- ``almak-rtn``: :func:`almak.modeling.nn.surgery.quantize_`, round to nearest with the same scheme.
 
 Each method runs in its own child process (this script re-invoked with ``--method``; it prints one JSON
 line), one after the other, so that wall time and peak RSS (``getrusage`` ru_maxrss, a process-wide
@@ -98,9 +98,9 @@ def rss_mib() -> float:
 
 
 def perplexity(model, tokenizer, limit: int, testset: str = TESTSET) -> tuple[float, float]:
-    from almak.eval.data import load_testset
     from almak.eval.metrics import reference_nll
-    from almak.eval.prompts import Prompt
+    from almak.modeling.text.data import load_testset
+    from almak.modeling.text.prompts import Prompt
 
     ts = load_testset(testset).head(limit)
     t0 = time.perf_counter()
@@ -181,7 +181,7 @@ def child(method: str, nsamples: int, seqlen: int, limit: int) -> dict:
     samples = None
     almak_gptq = ("almak-gptq", "almak-gptq-alma", "almak-gptq-clip", "almak-gptq-alma-clip")
     if method == "llmcompressor-gptq" or method in almak_gptq:
-        from almak.modeling.calibrate import calibration_samples
+        from almak.modeling.pipelines.calibrate import calibration_samples
 
         calib = "alma" if method.startswith("almak-gptq-alma") else "alma:de-en"
         samples = calibration_samples(tok, calib, nsamples=nsamples, seqlen=seqlen)
@@ -193,7 +193,7 @@ def child(method: str, nsamples: int, seqlen: int, limit: int) -> dict:
     if method == "llmcompressor-gptq":
         rec.update(llmc_quantize(model, tok, samples, seqlen))
     elif method in almak_gptq:
-        from almak.modeling.surgery import gptq_quantize_
+        from almak.modeling.nn.surgery import gptq_quantize_
         from almak.quant.gptq import GPTQConfig
 
         cfg = GPTQConfig(bits=BITS, group_size=GROUP_SIZE, sym=SYM, damp=DAMP, act_order=True,
@@ -204,7 +204,7 @@ def child(method: str, nsamples: int, seqlen: int, limit: int) -> dict:
         rec["quantized_linears"] = len(info["quantized"])
         rec["settings"] = {"config": repr(cfg)}
     elif method == "almak-rtn":
-        from almak.modeling.surgery import QuantConfig, quantize_
+        from almak.modeling.nn.surgery import QuantConfig, quantize_
 
         cfg = QuantConfig(bits=BITS, group_size=GROUP_SIZE, sym=SYM)
         t0 = time.perf_counter()

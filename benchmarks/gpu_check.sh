@@ -67,7 +67,7 @@ XDIST=$("$PY" -P -c 'import xdist' 2>/dev/null && echo "-n 12")
 # forces every autotune config once, and step 1 exits 1 on a timed result that is off.
 step tests 600 env ALMAK_AUTOTUNE=0 "$PY" -P -m pytest -p no:cacheprovider $XDIST -q --tb=short -m "not static_report" tests/kernels \
     tests/quant tests/sparse \
-    tests/modeling/test_quant_linear.py tests/modeling/test_sparse_linear.py \
-    tests/modeling/test_decoder.py::test_cuda_graph_steps_equal_eager_steps \
-    tests/eval/test_generate.py::test_cuda_graphs_translate_like_eager_steps_and_generate
+    tests/modeling/nn/test_quant_linear.py tests/modeling/nn/test_sparse_linear.py \
+    tests/modeling/engines/test_decoder.py::test_cuda_graph_steps_equal_eager_steps \
+    tests/modeling/engines/test_generate.py::test_cuda_graphs_translate_like_eager_steps_and_generate
 tail -n 3 "$LOG/tests.log" 2>/dev/null | tee -a "$LOG/summary.txt"

@@ -172,12 +172,11 @@ def weight_param_indices(jit_fn, kernel: str) -> set[int]:
 
 def compile_case(job: dict) -> dict:
     """Compile one (kernel, path, config, arch, M) and measure its code; runs in a worker process."""
+    import sass_stats
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
-
-    import sass_stats
 
     N, K = job["shape"]
     launch = plan(job["kernel"], job["path"], job["M"], N, K, job["activations"])

@@ -35,8 +35,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_vs_llmcompressor import (MARK, MODEL, RESULTS_DIR, TESTSET, device_name, perplexity,  # noqa: E402
-                                   rss_mib, run_child, versions)
+from gptq_vs_llmcompressor import (  # noqa: E402
+    MARK,
+    MODEL,
+    RESULTS_DIR,
+    TESTSET,
+    device_name,
+    perplexity,
+    rss_mib,
+    run_child,
+    versions,
+)
 
 # almak's 2:4 recipe for the embedded model: attention, down projections and the first and last decoder layers
 # stay dense. Chosen by hand on the same perplexity (200 de-en sentences, 2026-11-25, fp32 CPU, SparseGPT 2:4,
@@ -81,7 +90,7 @@ def llmc_prune(model, tokenizer, samples, seqlen: int, method: str, target) -> d
 
 def sparsity_check(model) -> dict:
     """Zeros of the decoder-layer projections, and whether every one is 2:4 (checked, not assumed)."""
-    from almak.modeling.prune import prunable_linears
+    from almak.modeling.pipelines.prune import prunable_linears
     from almak.sparse import check_nm
 
     names = prunable_linears(model)
@@ -103,7 +112,7 @@ def child(name: str, nsamples: int, seqlen: int, limit: int) -> dict:
     rec: dict = {"method": name, "threads": torch.get_num_threads(), "calib": calib}
     samples = None
     if library == "llmc":
-        from almak.modeling.calibrate import calibration_samples
+        from almak.modeling.pipelines.calibrate import calibration_samples
 
         samples = calibration_samples(tok, calib, nsamples=nsamples, seqlen=seqlen)
         rec["calib_tokens"] = int(sum(s.shape[1] for s in samples))
@@ -112,7 +121,7 @@ def child(name: str, nsamples: int, seqlen: int, limit: int) -> dict:
     if library == "llmc":
         rec.update(llmc_prune(model, tok, samples, seqlen, method, target))
     elif library == "almak":
-        from almak.modeling.prune import PruneRecipe, prune_model
+        from almak.modeling.pipelines.prune import PruneRecipe, prune_model
 
         recipe = PruneRecipe(method=method, pattern=target if isinstance(target, str) else None,
                              sparsity=target if isinstance(target, float) else 0.5, skip=skip,

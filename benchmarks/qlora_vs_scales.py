@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from almak.eval.data import load_testset
 from almak.eval.metrics import reference_nll
-from almak.eval.prompts import Prompt
-from almak.modeling.distill import DistillConfig, kd_loss
-from almak.modeling.finetune import schedule, train
 from almak.modeling.load import load_model
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.surgery import set_module
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.surgery import set_module
+from almak.modeling.pipelines.distill import DistillConfig, kd_loss
+from almak.modeling.pipelines.finetune import schedule, train
+from almak.modeling.text.data import load_testset
+from almak.modeling.text.prompts import Prompt
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -132,7 +132,7 @@ def kernel_fns(kernel: str, ops: dict):
 
 def cpu_layer(kernel: str, N: int, K: int, ops: dict):
     """The QuantLinear that real CPU inference runs (PyTorch's native weight-only kernels on these shapes)."""
-    from almak.modeling.quant_linear import QuantLinear
+    from almak.modeling.nn.quant_linear import QuantLinear
 
     layer = QuantLinear(K, N, bits=4 if kernel == "w4a16" else 8, group_size=ops["group_size"], sym=True,
                         dtype=ops["scales"].dtype)

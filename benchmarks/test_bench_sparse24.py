@@ -2,9 +2,8 @@
 from run_kernels.py)."""
 
 import pytest
-import torch
-
 import run_kernels as rk
+import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [(kernel, K, N, M, p) for kernel in rk.SPARSE_KERNELS for K, N in rk.grid(DEVICE, kernel)[0]

@@ -1,9 +1,8 @@
 """pytest-benchmark: w4a16 against dense and dequantize + matmul (cases from run_kernels.py)."""
 
 import pytest
-import torch
-
 import run_kernels as rk
+import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES, MS = rk.grid(DEVICE)

@@ -23,10 +23,10 @@ from almak.eval.bench import (
 )
 from almak.eval.bench import SHAPES as BENCH_SHAPES
 from almak.eval.evaluate import check_new_output
-from almak.eval.generate import ENGINES
-from almak.eval.vllm_engine import VllmEngine
 from almak.files import write_dir_atomic
 from almak.modeling.devices import DTYPES, check_device, inference_dtype
+from almak.modeling.engines.generate import ENGINES
+from almak.modeling.engines.vllm import VllmEngine
 from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 
 

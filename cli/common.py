@@ -8,16 +8,16 @@ import sys
 import click
 
 from almak.errors import AlmakError
-from almak.eval.generate import ENGINES, GenerationConfig
 from almak.eval.metrics import BLEU_TOKENIZERS
-from almak.eval.prompts import guess_family
 from almak.modeling.checkpoint import SPARSE_FORMATS
-from almak.modeling.decoder import SUPPORTED
-from almak.modeling.finetune import GROUP_STEPS
-from almak.eval.vllm_engine import VllmEngine
 from almak.modeling.devices import check_device, inference_dtype
+from almak.modeling.engines.decoder import SUPPORTED
+from almak.modeling.engines.generate import ENGINES, GenerationConfig
+from almak.modeling.engines.vllm import VllmEngine
 from almak.modeling.load import DEFAULT_MODEL, LoadedModel, load_model
-from almak.modeling.surgery import QuantConfig
+from almak.modeling.nn.surgery import QuantConfig
+from almak.modeling.pipelines.finetune import GROUP_STEPS
+from almak.modeling.text.prompts import guess_family
 
 
 class Finite(click.FloatRange):

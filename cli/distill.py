@@ -18,12 +18,12 @@ from almak.cli.common import (
     training_speed_options,
 )
 from almak.errors import AlmakError
-from almak.eval.prompts import guess_family
 from almak.modeling.checkpoint import is_compressed_checkpoint, is_gptq_checkpoint
-from almak.modeling.distill import PRUNED_LR, SCALES_LR, DistillConfig
-from almak.modeling.distill import distill as run_distill
-from almak.modeling.finetune import check_output, load_pairs
 from almak.modeling.load import load_model
+from almak.modeling.pipelines.distill import PRUNED_LR, SCALES_LR, DistillConfig
+from almak.modeling.pipelines.distill import distill as run_distill
+from almak.modeling.pipelines.finetune import check_output, load_pairs
+from almak.modeling.text.prompts import guess_family
 
 DISTILL_DEFAULTS = DistillConfig(steps=200)
 

@@ -22,10 +22,10 @@ from almak.cli.common import (
 )
 from almak.errors import AlmakError
 from almak.eval.compare import check_baseline, compare, directions_of, read_report, report_path
-from almak.eval.data import load_testsets
 from almak.eval.evaluate import EvalConfig, check_new_output, evaluate, evaluate_testsets, write_eval_dir
-from almak.eval.generate import GenerationConfig
 from almak.eval.metrics import check_metrics, parse_metrics
+from almak.modeling.engines.generate import GenerationConfig
+from almak.modeling.text.data import load_testsets
 
 
 @click.command(name="eval")

@@ -18,10 +18,10 @@ from almak.cli.common import (
     training_speed_options,
 )
 from almak.errors import AlmakError
-from almak.eval.prompts import guess_family
-from almak.modeling.finetune import FinetuneConfig, check_output, load_pairs
-from almak.modeling.finetune import finetune as run_finetune
 from almak.modeling.load import DEFAULT_MODEL, load_model
+from almak.modeling.pipelines.finetune import FinetuneConfig, check_output, load_pairs
+from almak.modeling.pipelines.finetune import finetune as run_finetune
+from almak.modeling.text.prompts import guess_family
 
 # The CLI takes finetune's defaults from the library's config.
 FINETUNE_DEFAULTS = FinetuneConfig()

@@ -18,12 +18,12 @@ from almak.cli.common import (
 )
 from almak.errors import AlmakError
 from almak.eval.evaluate import check_new_output
-from almak.eval.prompts import guess_family
-from almak.modeling.calibrate import decoder_layers
 from almak.modeling.checkpoint import save_pruned, vllm_summary
 from almak.modeling.load import weight_bytes
-from almak.modeling.prune import PruneRecipe, prune_model
-from almak.modeling.surgery import sparsify_
+from almak.modeling.nn.surgery import sparsify_
+from almak.modeling.pipelines.calibrate import decoder_layers
+from almak.modeling.pipelines.prune import PruneRecipe, prune_model
+from almak.modeling.text.prompts import guess_family
 
 # The CLI takes its defaults from the library's recipe.
 PRUNE_DEFAULTS = PruneRecipe()

@@ -19,11 +19,11 @@ from almak.cli.common import (
     sparse_format_option,
 )
 from almak.eval.evaluate import check_new_output
-from almak.eval.prompts import guess_family
-from almak.modeling.calibrate import decoder_layers
 from almak.modeling.checkpoint import read_recipe, save_quantized, vllm_summary
 from almak.modeling.load import weight_bytes
-from almak.modeling.surgery import QuantizeRecipe, check_group_size, densify_, quantize_model, sparsify_
+from almak.modeling.nn.surgery import QuantizeRecipe, check_group_size, densify_, quantize_model, sparsify_
+from almak.modeling.pipelines.calibrate import decoder_layers
+from almak.modeling.text.prompts import guess_family
 
 
 @click.command()

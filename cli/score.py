@@ -8,11 +8,11 @@ import click
 
 from almak.cli.common import bleu_tokenize_option, metric_rows, print_table
 from almak.errors import AlmakError
-from almak.eval.data import read_lines
 from almak.eval.evaluate import ScoreConfig
 from almak.eval.evaluate import score as run_score
 from almak.eval.metrics import check_metrics, parse_metrics
-from almak.eval.languages import parse_lang_pair
+from almak.modeling.text.data import read_lines
+from almak.modeling.text.languages import parse_lang_pair
 
 
 @click.command()

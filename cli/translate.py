@@ -8,13 +8,13 @@ from pathlib import Path
 import click
 
 from almak.cli.common import generation_options, load_for_engine, model_options, progress_bar, quant_config
-from almak.eval.data import decode_text, read_lines, split_lines
 from almak.eval.evaluate import check_new_output
-from almak.eval.generate import GenerationConfig
-from almak.eval.generate import translate as run_translate
-from almak.eval.languages import language_name
-from almak.eval.prompts import Prompt
 from almak.files import write_text_atomic
+from almak.modeling.engines.generate import GenerationConfig
+from almak.modeling.engines.generate import translate as run_translate
+from almak.modeling.text.data import decode_text, read_lines, split_lines
+from almak.modeling.text.languages import language_name
+from almak.modeling.text.prompts import Prompt
 
 
 @click.command()

@@ -7,10 +7,10 @@ runs ``gen_len - 1`` greedy decode steps of one token per sequence on the model'
 padding, no stopping, so every variant does exactly the same work. Measurements are interleaved (for each
 repeat, for each batch size, every model in turn) so that machine noise hits all models alike, and each
 number is the median over ``repeats``. The loop is ``engine``'s: ``almak`` (the default) is almak's generation
-loop (:class:`almak.modeling.decoder.Decoder`: preallocated KV cache, allocated before the clock starts; on CUDA
+loop (:class:`almak.modeling.engines.decoder.Decoder`: preallocated KV cache, allocated before the clock starts; on CUDA
 each decode step replays a CUDA graph captured before the clock starts, unless ``cuda_graphs=False``), what
 ``almak translate`` runs; ``hf`` is transformers' forward with its dynamic cache, for models almak's loop does not
-run and for comparison; ``vllm`` is vLLM's engine (the model a :class:`~almak.eval.vllm_engine.VllmEngine`),
+run and for comparison; ``vllm`` is vLLM's engine (the model a :class:`~almak.modeling.engines.vllm.VllmEngine`),
 where prefill is the time of a run that generates one token and decode the rest of a full run's time.
 ``run_bench`` can give each model its own engine, to compare engines side by side.
 """
@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 
 from almak.errors import AlmakError
-from almak.eval.generate import ENGINES
-from almak.modeling.decoder import Decoder, check_room, context_limit, kv_cache_bytes
 from almak.modeling.devices import release_freed_memory
-from almak.modeling.surgery import QuantConfig, quantize_, set_module, sparsify_, target_linears
+from almak.modeling.engines.decoder import Decoder, check_room, context_limit, kv_cache_bytes
+from almak.modeling.engines.generate import ENGINES
+from almak.modeling.nn.surgery import QuantConfig, quantize_, set_module, sparsify_, target_linears
 from almak.sparse.masks import apply_mask_, nm_mask
 
 __all__ = ["BenchConfig", "run_bench", "bench_once", "summarize", "device_name", "SHAPES", "SHAPE_VARIANTS",

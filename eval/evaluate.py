@@ -17,11 +17,11 @@ import almak
 from almak.errors import AlmakError
 from almak.eval import metrics as M
 from almak.eval.compare import mean_report
-from almak.eval.data import TestSet
-from almak.eval.generate import GenerationConfig, translate
-from almak.eval.prompts import Prompt
 from almak.files import write_dir_atomic
+from almak.modeling.engines.generate import GenerationConfig, translate
 from almak.modeling.load import weight_bytes
+from almak.modeling.text.data import TestSet
+from almak.modeling.text.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
     """Translate and score ``testset``; returns the report and the hypotheses.
 
     ``progress(stage, total)`` may return a callback that is fed the count of finished sentences. With
-    ``config.generation.engine == "vllm"``, ``model`` is a :class:`~almak.eval.vllm_engine.VllmEngine` (and
+    ``config.generation.engine == "vllm"``, ``model`` is a :class:`~almak.modeling.engines.vllm.VllmEngine` (and
     ``tokenizer`` is unused: the engine has its own).
     """
     vllm = config.generation.engine == "vllm"

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from almak.errors import AlmakError
-from almak.eval.languages import language_name, language_subtag
-from almak.eval.prompts import Prompt
-from almak.modeling.decoder import context_limit
+from almak.modeling.engines.decoder import context_limit
+from almak.modeling.text.languages import language_name, language_subtag
+from almak.modeling.text.prompts import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from almak.modeling.checkpoint import (
     load_quantizing,
     swap_declared_24,
 )
-from almak.modeling.decoder import check_model_type
 from almak.modeling.devices import DTYPES, check_device, resolve_dtype  # noqa: F401 (also read from here)
-from almak.modeling.surgery import QuantConfig, quantize_
+from almak.modeling.engines.decoder import check_model_type
+from almak.modeling.nn.surgery import QuantConfig, quantize_
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def unknown_model(ref: str) -> AlmakError:
 def load_model(ref: str | None = None, device: str = "cpu", dtype: str = "auto", quant: QuantConfig | None = None,
                model_types: tuple[str, ...] | None = None) -> LoadedModel:
     """Load a model reference (see the module docstring) for inference; with ``quant``, its decoder-layer
-    projections quantized round-to-nearest (:func:`~almak.modeling.surgery.quantize_`): as they are read, one
+    projections quantized round-to-nearest (:func:`~almak.modeling.nn.surgery.quantize_`): as they are read, one
     at a time, from a safetensors folder (:func:`~almak.modeling.checkpoint.load_quantizing`: the float model is
     never held whole), after loading otherwise (a .gguf file, a hub id).
 

@@ -122,10 +122,9 @@ def smollm():
 def tiny_llama_dir(tmp_path_factory):
     """A random-weight 2-layer LLaMA (GQA, K=96) saved with the embedded model's tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from almak.modeling.load import materialize_alias
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(materialize_alias("smollm2-135m"))
     torch.manual_seed(0)
@@ -143,7 +142,7 @@ def pairs_file(tmp_path_factory):
     """16 ALMA de-en training pairs, as a file named for its direction (finetune and distill runs)."""
     import json
 
-    from almak.eval.data import DATA_DIR, read_json_records
+    from almak.modeling.text.data import DATA_DIR, read_json_records
 
     records = read_json_records(DATA_DIR / "calib" / "train.de-en.jsonl")[:16]
     path = tmp_path_factory.mktemp("data") / "train.de-en.jsonl"
@@ -154,7 +153,7 @@ def pairs_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tsv(tmp_path_factory):
     """The first 12 WMT22 de-en pairs as a source<TAB>reference file."""
-    from almak.eval.data import load_testset
+    from almak.modeling.text.data import load_testset
 
     ts = load_testset("wmt22:de-en").head(12)
     path = tmp_path_factory.mktemp("data") / "pairs.tsv"

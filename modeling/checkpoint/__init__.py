@@ -80,8 +80,8 @@ from almak.files import write_dir_atomic
 from almak.modeling.checkpoint import gptq, pack_quantized, sparse24_bitmask
 from almak.modeling.checkpoint.common import (  # noqa: F401 (check_model_folder: read from here)
     TOKENIZER_FILES,
-    check_model_folder,
     Tensors,
+    check_model_folder,
     pack_rows,
     quant_config,
     quant_layers,
@@ -99,9 +99,9 @@ from almak.modeling.checkpoint.pack_quantized import (
 from almak.modeling.checkpoint.sparse24_bitmask import CT_SPARSE_FORMAT, CT_SPARSE_LAYOUT_VERSION, ct_sparsity_config
 from almak.modeling.checkpoint.vllm import vllm_limits, vllm_notes, vllm_refusals, vllm_summary
 from almak.modeling.devices import check_device, release_freed_memory, resolve_dtype
-from almak.modeling.sparse_linear import Sparse24Linear
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.surgery import QuantConfig, check_finite, kept_reason, set_module, sparsify_, target_linears
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear
+from almak.modeling.nn.surgery import QuantConfig, check_finite, kept_reason, set_module, sparsify_, target_linears
 
 __all__ = [
     "save_quantized", "save_pruned", "load_quantized", "read_recipe", "is_compressed_checkpoint",
@@ -241,7 +241,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite
     layers = quant_layers(model)
     if not layers:
         raise AlmakError("the model has no quantized (QuantLinear) layers to save; quantize it first "
-                         "(almak.modeling.surgery.quantize_ or GPTQ)")
+                         "(almak.modeling.nn.surgery.quantize_ or GPTQ)")
     for name, layer in layers.items():
         pack_quantized.check_writable(name, layer, layers)
     return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite, sparse_format)
@@ -377,10 +377,10 @@ def _fill_skeleton(model: nn.Module, tensors: Tensors, used: set | list, folder:
 def load_quantizing(folder, config: QuantConfig, device: str = "cpu", dtype: torch.dtype | str = torch.float32):
     """Load a float safetensors folder with its decoder-layer projections quantized round-to-nearest as they are
     read, one at a time, so that the peak memory is the quantized model's plus one float projection (loading
-    the float model and then :func:`~almak.modeling.surgery.quantize_` holds all of it first). The result is
-    :func:`~almak.modeling.surgery.quantize_`'s on the model loaded in ``dtype``, bit for bit.
+    the float model and then :func:`~almak.modeling.nn.surgery.quantize_` holds all of it first). The result is
+    :func:`~almak.modeling.nn.surgery.quantize_`'s on the model loaded in ``dtype``, bit for bit.
 
-    Returns ``(model, tokenizer, summary)``; the summary as :func:`~almak.modeling.surgery.quantize_` returns it.
+    Returns ``(model, tokenizer, summary)``; the summary as :func:`~almak.modeling.nn.surgery.quantize_` returns it.
     """
     folder = Path(folder).expanduser()
     dev = check_device(device)

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear, Sparse24QuantLinear
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from almak.modeling.checkpoint.common import (
     quant_config,
     unpack_rows,
 )
-from almak.modeling.surgery import set_module
+from almak.modeling.nn.surgery import set_module
 from almak.quant.pack import pack_int4
 
 

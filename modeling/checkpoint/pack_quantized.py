@@ -26,9 +26,9 @@ from almak.modeling.checkpoint.common import (
     unpack_rows,
 )
 from almak.modeling.checkpoint.sparse24_bitmask import CT_SPARSE_FORMAT
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
-from almak.modeling.surgery import set_module
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear, Sparse24QuantLinear
+from almak.modeling.nn.surgery import set_module
 from almak.quant.pack import GROUP_SIZES, pack_int4, unpack_int4
 
 CT_FORMAT = "pack-quantized"

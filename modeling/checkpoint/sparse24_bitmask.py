@@ -13,9 +13,9 @@ import torch.nn as nn
 from almak.errors import AlmakError
 from almak.kernels.sparse24 import from_bitmask_24, to_bitmask_24
 from almak.modeling.checkpoint.common import Tensors, linear_at, matches, sparse_layers
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
-from almak.modeling.surgery import set_module
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear, Sparse24QuantLinear
+from almak.modeling.nn.surgery import set_module
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,11 @@ if POINT == "load":
 
     hook(load, "load_model")
 elif POINT == "translate":
-    import almak.eval.generate as generate
+    import almak.modeling.engines.generate as generate
 
     hook(generate, "translate")
 elif POINT == "calibrate":
-    import almak.modeling.calibrate as calibrate
+    import almak.modeling.pipelines.calibrate as calibrate
 
     hook(calibrate, "run_layerwise")
 elif POINT == "write":

@@ -40,7 +40,7 @@ def test_distill_writes_a_2_to_4_checkpoint(tiny_llama_dir, student, tsv, tmp_pa
     # Still 2:4, stored as such: the MLP projections the student had as 2:4 load as Sparse24Linear layers whose
     # every group of 4 holds at most 2 non-zeros, and training moved their kept weights.
     from almak.modeling.load import load_model
-    from almak.modeling.sparse_linear import Sparse24Linear
+    from almak.modeling.nn.sparse_linear import Sparse24Linear
 
     before = load_model(str(student), device="cpu").model
     after = load_model(str(out), device="cpu").model

@@ -7,7 +7,7 @@ import sacrebleu
 from click.testing import CliRunner
 
 from almak.cli.main import main
-from almak.eval.data import load_testset
+from almak.modeling.text.data import load_testset
 
 pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
 
@@ -52,9 +52,9 @@ def test_reference_nll_matches_an_unbatched_computation(smollm):
     """Batched right-padded scoring equals scoring each sentence alone."""
     import torch
 
-    from almak.eval.data import load_testset
     from almak.eval.metrics import reference_nll
-    from almak.eval.prompts import Prompt
+    from almak.modeling.text.data import load_testset
+    from almak.modeling.text.prompts import Prompt
 
     ts = load_testset("wmt22:de-en").head(3)
     prompt = Prompt("alma", "de", "en")
@@ -133,7 +133,7 @@ def test_flores200_testset_with_flores_codes(tiny_llama_dir, tmp_path):
 
 
 def test_translate_yoruba_with_llamax_prompt(tiny_llama_dir):
-    from almak.eval.prompts import Prompt
+    from almak.modeling.text.prompts import Prompt
 
     for src, tgt in (("yo", "en"), ("yor_Latn", "eng_Latn")):
         result = CliRunner().invoke(main, ["translate", str(tiny_llama_dir), "--src", src, "--tgt", tgt, "--prompt",

@@ -7,7 +7,7 @@ import sacrebleu
 from click.testing import CliRunner
 
 from almak.cli.main import main
-from almak.eval.data import load_testset
+from almak.modeling.text.data import load_testset
 
 pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
 

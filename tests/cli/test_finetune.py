@@ -30,9 +30,9 @@ def test_lora_run_writes_an_adapter_that_translates(tiny_llama_dir, tsv, tmp_pat
                     "--device", "cpu", input="".join(s + "\n" for s in sources))
     assert result.exit_code == 0, result.output
     # The translations are the adapted model's, which the base model's are not.
-    from almak.eval.generate import GenerationConfig, translate
-    from almak.eval.prompts import Prompt
+    from almak.modeling.engines.generate import GenerationConfig, translate
     from almak.modeling.load import load_model
+    from almak.modeling.text.prompts import Prompt
 
     config = GenerationConfig(num_beams=1, max_new_tokens=8)
     prompt = Prompt("alma", "de", "en")

@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from almak.cli.main import main
-from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear, Sparse24QuantLinear
 
 FAST = ["--nsamples", "8", "--seqlen", "64", "--device", "cpu"]
 

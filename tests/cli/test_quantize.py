@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from almak.cli.main import main
-from almak.modeling.quant_linear import QuantLinear
+from almak.modeling.nn.quant_linear import QuantLinear
 
 FAST_GPTQ = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--nsamples", "8", "--seqlen", "64",
              "--device", "cpu"]
@@ -38,8 +38,8 @@ def test_gptq_checkpoint_then_eval_and_translate(tiny_llama_dir, tmp_path):
 
 def test_gptq_beats_rtn_on_the_model(tiny_llama_dir, tmp_path):
     """On the calibration prompts, GPTQ's logits are closer to the float model's than RTN's."""
-    from almak.modeling.calibrate import calibration_samples
     from almak.modeling.load import load_model
+    from almak.modeling.pipelines.calibrate import calibration_samples
 
     runs = {}
     for method in ("rtn", "gptq"):
@@ -105,8 +105,8 @@ def test_existing_output_is_refused(tiny_llama_dir, tmp_path):
 def test_rotated_mixed_checkpoint(tiny_llama_dir, tmp_path):
     """--rotate --bits auto: the allocation is recorded and within budget, every layer loads in its recorded
     format, the head is untied, and the loaded model runs."""
-    from almak.modeling.allocate import Format
     from almak.modeling.load import load_model
+    from almak.modeling.pipelines.allocate import Format
 
     out = tmp_path / "mixed"
     args = [a for a in FAST_GPTQ if a not in ("--bits", "4")]

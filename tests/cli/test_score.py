@@ -7,7 +7,7 @@ import sacrebleu
 from click.testing import CliRunner
 
 from almak.cli.main import main
-from almak.eval.data import load_testset
+from almak.modeling.text.data import load_testset
 
 OUTPUTS = Path(__file__).resolve().parents[1] / "data" / "ALMA-13B-LoRA"
 

@@ -45,9 +45,9 @@ def test_engine_hf_gives_the_same_greedy_lines():
 
 
 def test_batching_does_not_change_greedy_output(smollm):
-    from almak.eval.data import load_testset
-    from almak.eval.generate import GenerationConfig, translate
-    from almak.eval.prompts import Prompt
+    from almak.modeling.engines.generate import GenerationConfig, translate
+    from almak.modeling.text.data import load_testset
+    from almak.modeling.text.prompts import Prompt
 
     sources = load_testset("wmt22:de-en").sources[:4]
     runs = [translate(smollm.model, smollm.tokenizer, sources, Prompt("alma", "de", "en"),

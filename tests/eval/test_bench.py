@@ -66,7 +66,7 @@ def test_make_variant_swaps_every_projection(tiny, variant, kind):
     import copy
 
     from almak.eval.bench import make_variant
-    from almak.modeling.surgery import target_linears
+    from almak.modeling.nn.surgery import target_linears
 
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     model = make_variant(copy.deepcopy(tiny), variant)
@@ -92,7 +92,7 @@ def test_random_variants_are_built_projection_by_projection(monkeypatch, variant
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from almak.eval import bench
-    from almak.modeling.surgery import target_linears
+    from almak.modeling.nn.surgery import target_linears
 
     monkeypatch.setitem(bench.SHAPES, "toy", TOY)
     float_model = bench.random_model("toy", torch.float32, "cpu")
@@ -152,7 +152,7 @@ def test_variant_layers_hold_the_expected_weights(variant, reference_rtn):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from almak.eval.bench import make_variant
-    from almak.modeling.surgery import target_linears
+    from almak.modeling.nn.surgery import target_linears
 
     torch.manual_seed(0)  # in_features 256 and 512: two and four groups of 128
     config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,

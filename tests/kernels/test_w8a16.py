@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
-from almak.kernels.w8a16 import dequantize_w8, w8a16_matmul, w8a16_reference
 from almak.kernels.w4a16 import INTERPRET
+from almak.kernels.w8a16 import dequantize_w8, w8a16_matmul, w8a16_reference
 
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET,

@@ -12,10 +12,17 @@ import torch.nn as nn
 
 from almak.errors import AlmakError
 from almak.modeling import checkpoint
-from almak.modeling.checkpoint import (is_compressed_checkpoint, is_gptq_checkpoint, load_quantized, pack_rows,
-                                       read_recipe, save_quantized, unpack_rows)
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.surgery import QuantConfig, quantize_, set_module
+from almak.modeling.checkpoint import (
+    is_compressed_checkpoint,
+    is_gptq_checkpoint,
+    load_quantized,
+    pack_rows,
+    read_recipe,
+    save_quantized,
+    unpack_rows,
+)
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.surgery import QuantConfig, quantize_, set_module
 
 RECIPE = {"method": "rtn", "bits": 4, "group_size": 32, "calibration": None}
 # 24 tokens: above QuantLinear's decode size, so its CPU forward is dequantize + F.linear in fp32 (the decode
@@ -214,8 +221,12 @@ def test_transformers_loads_mixed_schemes(tiny, tmp_path, transformers_load):
 def write_with_compressed_tensors(model, tokenizer, folder, bits, group_size, sym):
     """What llm-compressor saves, made with compressed-tensors' own API (min-max scales, no calibration)."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams
 
     args = QuantizationArgs(num_bits=bits, symmetric=sym, strategy="group" if group_size > 0 else "channel",
@@ -575,7 +586,7 @@ def test_float_folder_is_not_a_quantized_checkpoint(tiny_llama_dir):
 
 
 def test_vllm_limits_name_what_vllm_kernels_will_not_run():
-    from almak.modeling.sparse_linear import Sparse24Linear
+    from almak.modeling.nn.sparse_linear import Sparse24Linear
 
     layers = torch.nn.ModuleDict({"ok": QuantLinear(256, 64, bits=4, group_size=64, sym=False, dtype=torch.float16)})
     assert checkpoint.vllm_limits(layers) == [] and checkpoint.vllm_summary(layers) == "loads and runs in vLLM"

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from almak.errors import AlmakError
 from almak.modeling.checkpoint import load_quantized, save_pruned, save_quantized
 from almak.modeling.load import load_model
-from almak.modeling.prune import PruneRecipe, prune_model
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
-from almak.modeling.surgery import QuantConfig, quantize_, set_module, sparsify_
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear, Sparse24QuantLinear
+from almak.modeling.nn.surgery import QuantConfig, quantize_, set_module, sparsify_
+from almak.modeling.pipelines.prune import PruneRecipe, prune_model
 
 PROMPT = list(range(100, 124))
 

@@ -61,8 +61,8 @@ def test_quant_on_load_reads_one_projection_at_a_time(tiny_llama_dir, monkeypatc
 
     import torch
 
-    from almak.modeling.quant_linear import QuantLinear
-    from almak.modeling.surgery import QuantConfig, quantize_
+    from almak.modeling.nn.quant_linear import QuantLinear
+    from almak.modeling.nn.surgery import QuantConfig, quantize_
 
     config = QuantConfig(bits=bits, group_size=group_size)
     expected = load_model(str(tiny_llama_dir), dtype="float32")

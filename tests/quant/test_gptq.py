@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.quant_linear import QuantLinear
+from almak.modeling.nn.quant_linear import QuantLinear
 from almak.quant.gptq import GPTQ, GPTQConfig
 from almak.quant.pack import dequantize_groupwise, quantize_rtn_groupwise
 

@@ -262,9 +262,9 @@ class _FakeLLM:
 def test_greedy_goes_on_after_a_newline_before_any_text():
     """vLLM's stop string also fires on a newline that opens the output; almak's rule (a line ends once it holds
     text) goes on from the tokens so far, as the other engines do; a newline after text ends the sentence."""
-    from almak.eval.generate import GenerationConfig
-    from almak.eval.prompts import Prompt
-    from almak.eval.vllm_engine import VllmEngine
+    from almak.modeling.engines.generate import GenerationConfig
+    from almak.modeling.engines.vllm import VllmEngine
+    from almak.modeling.text.prompts import Prompt
 
     engine = VllmEngine("smollm2-135m")
     engine.start = lambda *args, **kwargs: None
@@ -317,8 +317,8 @@ def test_beam_search_keeps_almak_rules_where_lines_end_often():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from almak.eval.generate import GenerationConfig, LineStop, _beam_search
-    from almak.eval.vllm_engine import VllmEngine
+    from almak.modeling.engines.generate import GenerationConfig, LineStop, _beam_search
+    from almak.modeling.engines.vllm import VllmEngine
 
     pieces = ["a", "b", "\n", "c", "d", "<eos>"]
     torch.manual_seed(3)

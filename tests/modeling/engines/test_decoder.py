@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from almak.errors import AlmakError
-from almak.modeling.decoder import Decoder, check_supported
+from almak.modeling.engines.decoder import Decoder, check_supported
 
 pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
 
@@ -165,7 +165,7 @@ def test_graph_orchestration_with_faked_cuda(monkeypatch):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_cuda_graph_steps_equal_eager_steps(quantized):
     """Replayed graphs (captured on first use of each bucket, and ahead of time) give the eager step's logits."""
-    from almak.modeling.surgery import QuantConfig, quantize_
+    from almak.modeling.nn.surgery import QuantConfig, quantize_
 
     model = tiny("llama").half()
     if quantized:
@@ -195,7 +195,7 @@ def test_cuda_graph_steps_equal_eager_steps(quantized):
 def test_runs_quantized_layers(tiny_llama_dir):
     from transformers import LlamaForCausalLM
 
-    from almak.modeling.surgery import QuantConfig, quantize_
+    from almak.modeling.nn.surgery import QuantConfig, quantize_
 
     model = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
     quantize_(model, QuantConfig(bits=4, group_size=32))

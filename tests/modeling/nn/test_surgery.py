@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.surgery import PROJECTIONS, QuantConfig, quantize_
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.surgery import PROJECTIONS, QuantConfig, quantize_
 
 
 @pytest.fixture(scope="module")
 def batch(smollm):
-    from almak.eval.prompts import Prompt
+    from almak.modeling.text.prompts import Prompt
 
     text = Prompt("alma", "de", "en").build("Die Ware hat unter 20 Euro gekostet.") + " The goods cost less."
     return smollm.tokenizer(text, return_tensors="pt")["input_ids"]
@@ -27,7 +27,7 @@ def test_embedded_model(smollm, batch, caplog, config, min_cos, reference_rtn):
     model = copy.deepcopy(smollm.model)
     with torch.no_grad():
         float_logits = model(batch).logits
-    with caplog.at_level(logging.INFO, logger="almak.modeling.surgery"):
+    with caplog.at_level(logging.INFO, logger="almak.modeling.nn.surgery"):
         summary = quantize_(model, config)
     assert len(summary["quantized"]) == 30 * len(PROJECTIONS) and not summary["skipped"]
     assert "quantized 210/210 linears" in caplog.text and "kept lm_head" in caplog.text
@@ -51,7 +51,7 @@ def test_filter_and_skips(tiny_llama_dir, caplog):
     from almak.modeling.load import load_model
 
     model = load_model(str(tiny_llama_dir), device="cpu").model
-    with caplog.at_level(logging.INFO, logger="almak.modeling.surgery"):
+    with caplog.at_level(logging.INFO, logger="almak.modeling.nn.surgery"):
         summary = quantize_(model, QuantConfig(bits=4, group_size=32, include_lm_head=True),
                             filter_fn=lambda name, m: "layers.0." in name or name == "lm_head")
     assert len(summary["quantized"]) == len(PROJECTIONS)

@@ -9,7 +9,7 @@ sample gives ``F`` for every projection at once, so the cost is a few calibratio
 evaluation per layer and format. ``Q`` is round-to-nearest in each candidate format; GPTQ then quantizes
 each projection in the format chosen here.
 
-The projections that read one input (q/k/v, gate/up: :data:`~almak.modeling.calibrate.SHARED_INPUTS`) get
+The projections that read one input (q/k/v, gate/up: :data:`~almak.modeling.pipelines.calibrate.SHARED_INPUTS`) get
 one format: GPTQ solves them together and vLLM fuses them into one layer.
 
 The choice is a multiple-choice knapsack (minimize the summed ΔL, bits at or under the budget), solved by
@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.calibrate import SHARED_INPUTS, decoder_layers
+from almak.modeling.pipelines.calibrate import SHARED_INPUTS, decoder_layers
 from almak.quant.pack import dequantize_groupwise, quantize_rtn_groupwise
 
 __all__ = ["Format", "Allocation", "candidate_formats", "projection_groups", "fisher_diagonal", "sensitivities",

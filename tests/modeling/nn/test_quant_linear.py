@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from almak.modeling import quant_linear
-from almak.modeling.quant_linear import QuantLinear
+from almak.modeling.nn import quant_linear
+from almak.modeling.nn.quant_linear import QuantLinear
 
 
 def snr_db(y, ref):

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.eval.data import DATA_DIR, read_json_records, read_lines
-from almak.eval.languages import parse_lang_pair
-from almak.eval.prompts import Prompt
+from almak.modeling.text.data import DATA_DIR, read_json_records, read_lines
+from almak.modeling.text.languages import parse_lang_pair
+from almak.modeling.text.prompts import Prompt
 
 log = logging.getLogger(__name__)
 

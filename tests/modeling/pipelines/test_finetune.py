@@ -1,4 +1,4 @@
-"""almak.modeling.finetune on a tiny random LLaMA: masking, learning, adapter round trip, resume, refusals."""
+"""almak.modeling.pipelines.finetune on a tiny random LLaMA: masking, learning, adapter round trip, resume, refusals."""
 import json
 
 import pytest
@@ -6,10 +6,18 @@ import torch
 
 from almak.errors import AlmakError
 from almak.eval.metrics import target_nll, teacher_forcing_batch
-from almak.eval.prompts import Prompt
-from almak.modeling.finetune import (GROUP_STEPS, BatchPlan, ExampleOrder, FinetuneConfig, encode_examples, finetune,
-                                     load_pairs, trainable_parameters)
 from almak.modeling.load import load_model
+from almak.modeling.pipelines.finetune import (
+    GROUP_STEPS,
+    BatchPlan,
+    ExampleOrder,
+    FinetuneConfig,
+    encode_examples,
+    finetune,
+    load_pairs,
+    trainable_parameters,
+)
+from almak.modeling.text.prompts import Prompt
 
 pytest.importorskip("peft")
 
@@ -257,7 +265,7 @@ def test_alma_spec_and_refusals():
 
 
 def test_validation_uses_the_bundled_valid_split_where_there_is_one():
-    from almak.modeling.finetune import validation_sets
+    from almak.modeling.pipelines.finetune import validation_sets
 
     sets = validation_sets(FinetuneConfig(valid_sentences=5), [("de", "en"), ("en", "de"), ("is", "en")])
     assert [(ts.name, len(ts.sources)) for ts in sets] == [("alma-valid:de-en", 3), ("alma-valid:en-de", 3)]
@@ -266,9 +274,9 @@ def test_validation_uses_the_bundled_valid_split_where_there_is_one():
 def test_shipped_translator_beats_its_base_on_reference_perplexity(smollm):
     """smollm2-135m-mt (data/adapters, made by `make smollm2-135m-mt`) loads by name with its base merged in, and
     is the better de-en and en-de model by reference perplexity on WMT22 sentences it was not trained on."""
-    from almak.eval.data import load_testset
     from almak.eval.metrics import reference_nll
     from almak.modeling.load import ADAPTERS
+    from almak.modeling.text.data import load_testset
 
     recipe = json.loads((ADAPTERS["smollm2-135m-mt"] / "almak_finetune.json").read_text())
     assert recipe["base_model"] == "smollm2-135m" and recipe["data"]["train"] == {"de-en": 14211, "en-de": 14211}

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from almak.errors import AlmakError
-from almak.eval.languages import language_name
+from almak.modeling.text.languages import language_name
 
 FAMILIES = ("alma", "tower", "llamax", "chat")
 

@@ -5,9 +5,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from almak.errors import AlmakError
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.rotate import rotate_
-from almak.modeling.surgery import QuantConfig, quantize_
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.surgery import QuantConfig, quantize_
+from almak.modeling.pipelines.rotate import rotate_
 
 pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
 

@@ -39,11 +39,20 @@ from typing import Callable
 import torch
 
 from almak.errors import AlmakError
-from almak.eval.generate import GenerationConfig, LineStop, TranslationResult, stop_ids
 from almak.eval.metrics import NLL
-from almak.eval.prompts import Prompt
-from almak.modeling.load import (ADAPTERS, ALIASES, cache_dir, load_model, looks_like_hub_id, materialize_alias,
-                                 merged_adapter, save_cached_model, unknown_model)
+from almak.modeling.engines.generate import GenerationConfig, LineStop, TranslationResult, stop_ids
+from almak.modeling.load import (
+    ADAPTERS,
+    ALIASES,
+    cache_dir,
+    load_model,
+    looks_like_hub_id,
+    materialize_alias,
+    merged_adapter,
+    save_cached_model,
+    unknown_model,
+)
+from almak.modeling.text.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +262,7 @@ class VllmEngine:
 
     def translate(self, sources: list[str], prompt: Prompt, config: GenerationConfig,
                   progress: Callable[[int], None] | None = None) -> TranslationResult:
-        """Translate ``sources`` as :func:`almak.eval.generate.translate` does, on vLLM."""
+        """Translate ``sources`` as :func:`almak.modeling.engines.generate.translate` does, on vLLM."""
         hyps, raw = [""] * len(sources), [""] * len(sources)
         todo = [i for i, s in enumerate(sources) if s.strip()]
         if progress and len(todo) < len(sources):
@@ -302,7 +311,7 @@ class VllmEngine:
         return outputs
 
     def _beam_search(self, todo, ids, eos, config, progress) -> dict[int, list[int]]:
-        """almak's beam search (:func:`almak.eval.generate._beam_search`), one vLLM step at a time: each live
+        """almak's beam search (:func:`almak.modeling.engines.generate._beam_search`), one vLLM step at a time: each live
         beam's top ``2K`` next tokens are the candidates the full-vocabulary top-``2K`` would pick from."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

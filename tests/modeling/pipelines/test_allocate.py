@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from almak.errors import AlmakError
-from almak.modeling.allocate import (
+from almak.modeling.pipelines.allocate import (
     Format,
     allocate_bits,
     candidate_formats,
@@ -102,7 +102,7 @@ def test_fisher_is_the_mean_squared_gradient():
 
 
 def test_sensitive_projection_gets_int8_within_budget(monkeypatch):
-    import almak.modeling.allocate as A
+    import almak.modeling.pipelines.allocate as A
 
     model = _model()
     measured = A.fisher_diagonal
@@ -128,7 +128,7 @@ def test_sensitive_projection_gets_int8_within_budget(monkeypatch):
 
 
 def test_recipe_checks_target_bits():
-    from almak.modeling.surgery import QuantizeRecipe
+    from almak.modeling.nn.surgery import QuantizeRecipe
 
     assert QuantizeRecipe(target_bits=4.5).bits == 4
     with pytest.raises(AlmakError, match="leave bits at 4, got bits=8"):

@@ -1,7 +1,7 @@
 """Model surgery: swap the projections of LLaMA / Mistral / Qwen2-style decoder layers for QuantLinear.
 
 >>> quantize_(model, QuantConfig(bits=4, group_size=128))     # doctest: +SKIP
-INFO almak.modeling.surgery: quantized 210/210 linears to int4 sym g128; kept lm_head
+INFO almak.modeling.nn.surgery: quantized 210/210 linears to int4 sym g128; kept lm_head
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.allocate import allocate_bits
-from almak.modeling.calibrate import SHARED_INPUTS, calibration_samples, decoder_layers, run_layerwise
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.rotate import check_rotatable, rotate_
-from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear, is_24_sparse
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear, Sparse24QuantLinear, is_24_sparse
+from almak.modeling.pipelines.allocate import allocate_bits
+from almak.modeling.pipelines.calibrate import SHARED_INPUTS, calibration_samples, decoder_layers, run_layerwise
+from almak.modeling.pipelines.rotate import check_rotatable, rotate_
 from almak.quant.gptq import GPTQ, GPTQConfig
 from almak.quant.pack import GROUP_SIZES
 
@@ -154,11 +154,11 @@ def gptq_quantize_(model: nn.Module, samples: list, config, device=None, filter_
     """GPTQ every decoder-layer projection, layer by layer on calibration ``samples``, in place.
 
     ``config`` is a :class:`almak.quant.gptq.GPTQConfig`; ``samples`` come from
-    :func:`almak.modeling.calibrate.calibration_samples`. Returns ``{"quantized": [...], "skipped": {...}}``
+    :func:`almak.modeling.pipelines.calibrate.calibration_samples`. Returns ``{"quantized": [...], "skipped": {...}}``
     like :func:`quantize_`; ``progress(1)`` is called per decoder layer. ``keep_zeros`` (for a pruned model)
     keeps every weight that is exactly 0 at 0, so a 2:4 layer stays 2:4. The projections that read one input
     (:data:`SHARED_INPUTS`) share a Hessian and a solve. ``formats`` (mixed precision: full name ->
-    :class:`almak.modeling.allocate.Format`) overrides ``config``'s bits and group size per projection.
+    :class:`almak.modeling.pipelines.allocate.Format`) overrides ``config``'s bits and group size per projection.
     """
 
     layers = decoder_layers(model)
@@ -263,11 +263,11 @@ class QuantizeRecipe:
     seqlen: int = 512
     seed: int = 0
     clip_search: bool | None = None  # GPTQ's group ranges by H-weighted error search; None: on for GPTQ
-    # Randomized Hadamard rotations fused into the float weights first (almak.modeling.rotate); tied embeddings
+    # Randomized Hadamard rotations fused into the float weights first (almak.modeling.pipelines.rotate); tied embeddings
     # are untied.
     rotate: bool = False
     # Mixed precision: average bits per weight (codes, scales, zeros) over the decoder projections; each
-    # projection int4 per channel, int4 at group_size or int8 per channel by sensitivity (almak.modeling.allocate).
+    # projection int4 per channel, int4 at group_size or int8 per channel by sensitivity (almak.modeling.pipelines.allocate).
     # None: every projection at ``bits``.
     target_bits: float | None = None
 
@@ -315,8 +315,8 @@ def quantize_model(model: nn.Module, tokenizer, recipe: QuantizeRecipe, device=N
     """Quantize ``model`` in place by ``recipe`` (RTN, or GPTQ on translation-formatted calibration data).
 
     ``keep_zeros``: the model is pruned; GPTQ keeps its zeros (RTN always maps 0 to the zero point exactly).
-    ``recipe.rotate`` fuses the rotations of :func:`almak.modeling.rotate.rotate_` into the float weights first;
-    ``recipe.target_bits`` chooses each projection's format by :func:`almak.modeling.allocate.allocate_bits`.
+    ``recipe.rotate`` fuses the rotations of :func:`almak.modeling.pipelines.rotate.rotate_` into the float weights first;
+    ``recipe.target_bits`` chooses each projection's format by :func:`almak.modeling.pipelines.allocate.allocate_bits`.
     ``progress(1)`` is called per decoder layer quantized, ``sensitivity_progress(1)`` per calibration sample
     measured for the allocation. Returns the summary of :func:`quantize_` / :func:`gptq_quantize_`, with what ``rotate_`` returned under
     ``"rotation"`` and :meth:`Allocation.record` under ``"allocation"`` when they ran.

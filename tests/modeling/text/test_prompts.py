@@ -1,7 +1,7 @@
 import pytest
 
 from almak.errors import AlmakError
-from almak.eval.prompts import Prompt, first_nonempty_line, guess_family
+from almak.modeling.text.prompts import Prompt, first_nonempty_line, guess_family
 
 
 def test_alma_template_is_exact():

@@ -1,4 +1,4 @@
-"""almak.modeling.distill on a tiny random LLaMA: the loss, structure kept (2:4 masks, int4 codes), recovery."""
+"""almak.modeling.pipelines.distill on a tiny random LLaMA: the loss, structure kept (2:4 masks, int4 codes), recovery."""
 import copy
 import json
 
@@ -7,15 +7,15 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.eval.data import read_json_records
 from almak.eval.metrics import target_nll, teacher_forcing_batch
-from almak.eval.prompts import Prompt
 from almak.modeling.checkpoint import save_pruned, save_quantized
-from almak.modeling.distill import DistillConfig, distill, kd_loss, prepare_student
 from almak.modeling.load import load_model
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.sparse_linear import Sparse24Linear
-from almak.modeling.surgery import QuantConfig, quantize_, sparsify_, target_linears
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear
+from almak.modeling.nn.surgery import QuantConfig, quantize_, sparsify_, target_linears
+from almak.modeling.pipelines.distill import DistillConfig, distill, kd_loss, prepare_student
+from almak.modeling.text.data import read_json_records
+from almak.modeling.text.prompts import Prompt
 from almak.sparse.masks import apply_mask_, nm_mask
 
 
@@ -111,7 +111,7 @@ def test_quantized_student_keeps_codes_and_trains_scales(teacher, pairs_file, tm
 
 def test_trainable_scales_compute_the_quantized_layer(teacher):
     """The training forward (q - z) * s equals QuantLinear's own, asymmetric and per-channel included."""
-    from almak.modeling.distill import TrainableScales
+    from almak.modeling.pipelines.distill import TrainableScales
 
     linear = nn.Linear(96, 64)
     x = torch.randn(5, 96)

@@ -34,10 +34,10 @@ from almak.errors import AlmakError
 from almak.eval.metrics import target_logits
 from almak.files import write_dir_atomic
 from almak.modeling.checkpoint import SPARSITY_REPORT_FILE, read_recipe, save_pruned, save_quantized
-from almak.modeling.finetune import FinetuneConfig, _base_ref, schedule, train
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear
-from almak.modeling.surgery import set_module, sparsify_, target_linears
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear, Sparse24QuantLinear
+from almak.modeling.nn.surgery import set_module, sparsify_, target_linears
+from almak.modeling.pipelines.finetune import FinetuneConfig, _base_ref, schedule, train
 from almak.quant.pack import dequantize_groupwise
 
 # Full-weight rate for pruned students (ALMA's full fine-tune rate is 2e-5; a recovery run is short and starts

@@ -2,7 +2,7 @@
 Shift in Machine Translation: Boosting Translation Performance of Large Language Models", ICLR 2024).
 
 Every example is the prompt the model family expects, then the reference and what ends an answer
-(:meth:`almak.eval.prompts.Prompt.encode` with ``terminate=True``: the same tokens reference perplexity
+(:meth:`almak.modeling.text.prompts.Prompt.encode` with ``terminate=True``: the same tokens reference perplexity
 scores, plus the newline or EOS). The loss is the mean NLL of the target tokens of an optimizer step (prompt and
 padding are labelled -100), so gradient accumulation equals one bigger batch. LoRA adapters (peft) by default,
 or every weight (``full=True``). Validation is reference perplexity (:func:`almak.eval.metrics.reference_nll`,
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 import almak
 from almak.errors import AlmakError
 from almak.eval.evaluate import check_writable_place
-from almak.eval.data import ALMA_DIRECTIONS, TestSet, alma_parallel, load_testset, read_json_records
 from almak.eval.metrics import NLL, reference_nll, target_logits, teacher_forcing_batch
-from almak.eval.languages import parse_lang_pair
-from almak.eval.prompts import Prompt
 from almak.files import ordinary_modes, temp_dir_beside, write_dir_atomic
+from almak.modeling.text.data import ALMA_DIRECTIONS, TestSet, alma_parallel, load_testset, read_json_records
+from almak.modeling.text.languages import parse_lang_pair
+from almak.modeling.text.prompts import Prompt
 
 log = logging.getLogger(__name__)
 # peft asks transformers 5 through a deprecated name on every forward in training; nothing for a user to act on.
@@ -470,7 +470,7 @@ def train(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfi
           progress: Callable[[dict], None] | None = None, overwrite: bool = False, base_ref: str | None = None,
           optimizer: Callable[[nn.Module], tuple] | None = None,
           after_step: Callable[[nn.Module], None] | None = None) -> TrainRun:
-    """The training loop :func:`finetune` and :func:`almak.modeling.distill.distill` share: ``prepare(model)``
+    """The training loop :func:`finetune` and :func:`almak.modeling.pipelines.distill.distill` share: ``prepare(model)``
     makes the trainable model (its parameters with ``requires_grad`` are what trains, is checkpointed and resumed),
     ``batch_loss(model, ids, attn, labels)`` returns the summed loss of a batch's target tokens; ``optimizer(model)``
     (default :func:`make_optimizer`) returns (optimizer, scheduler), ``after_step(model)`` runs after each

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from almak.errors import AlmakError
-from almak.modeling.calibrate import calibration_samples
-from almak.modeling.prune import PruneRecipe, prunable_linears, prune_model, skip_matches
+from almak.modeling.pipelines.calibrate import calibration_samples
+from almak.modeling.pipelines.prune import PruneRecipe, prunable_linears, prune_model, skip_matches
 from almak.sparse import check_nm
 
 FAST = dict(nsamples=8, seqlen=64)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from almak.errors import AlmakError
-from almak.modeling.calibrate import calibration_samples, capture_layer_inputs, run_layerwise
 from almak.modeling.load import load_model
+from almak.modeling.pipelines.calibrate import calibration_samples, capture_layer_inputs, run_layerwise
 
 
 @pytest.fixture(scope="module")

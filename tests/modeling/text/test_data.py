@@ -3,7 +3,7 @@ import json
 import pytest
 
 from almak.errors import AlmakError
-from almak.eval.data import WMT22_PAIRS, calibration_pairs, load_testset, load_testsets, read_lines
+from almak.modeling.text.data import WMT22_PAIRS, calibration_pairs, load_testset, load_testsets, read_lines
 
 
 @pytest.mark.parametrize("pair", WMT22_PAIRS)
@@ -45,7 +45,7 @@ def test_course_project_jsonl_uses_ref_not_mt(tmp_path):
 def test_shared_course_project_file_reads():
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[3] / "shared/data/wmt24/subset_6ff2c07_with_refA.jsonl"
+    path = pathlib.Path(__file__).resolve().parents[4] / "shared/data/wmt24/subset_6ff2c07_with_refA.jsonl"
     if not path.is_file():
         pytest.skip("../shared is not beside this checkout")
     ts = load_testset(str(path), "en-ru")

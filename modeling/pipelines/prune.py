@@ -6,7 +6,7 @@
 0.5
 
 Wanda and SparseGPT calibrate on the same translation-formatted samples as GPTQ, through the same pass
-(:func:`almak.modeling.calibrate.run_layerwise`): each layer is pruned on the outputs of the layers already
+(:func:`almak.modeling.pipelines.calibrate.run_layerwise`): each layer is pruned on the outputs of the layers already
 pruned before it. Pruned layers stay ``nn.Linear`` with zeros; compressing 2:4 layers is the checkpoint's job.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.calibrate import calibration_samples, decoder_layers, run_layerwise
-from almak.modeling.surgery import PROJECTIONS
+from almak.modeling.nn.surgery import PROJECTIONS
+from almak.modeling.pipelines.calibrate import calibration_samples, decoder_layers, run_layerwise
 from almak.sparse import SparseGPT, Sparsity, Wanda, apply_mask_, magnitude_mask, sparsity_of
 
 log = logging.getLogger(__name__)

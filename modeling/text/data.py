@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from almak.errors import AlmakError
-from almak.eval.languages import lang_tag, language_name, parse_lang_pair
+from almak.modeling.text.languages import lang_tag, language_name, parse_lang_pair
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 WMT22_PAIRS = ("de-en", "en-de", "ru-en", "en-ru", "zh-en", "en-zh")
 # ALMA's human-written parallel data (data/alma, gzip-compressed JSON lines): every xx-en file serves both
 # directions. is-en has no valid split in ALMA's release.

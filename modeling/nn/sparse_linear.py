@@ -6,7 +6,7 @@ Buffers (the layout of :mod:`almak.kernels.sparse24`):
   ``meta`` (N, K // 32) int32, their positions (4 bits a group, nibble order of int4 codes).
 - ``Sparse24QuantLinear`` (2:4 + INT4): ``qvalues`` (N, K // 16) int32, the 4-bit codes of the kept weights;
   ``meta``; ``weight_scale`` / ``weight_zero_point`` (N, ceil(K / group_size)) on the original columns, as
-  in :class:`~almak.modeling.quant_linear.QuantLinear` (symmetric layers store no zero point: 8 is implied).
+  in :class:`~almak.modeling.nn.quant_linear.QuantLinear` (symmetric layers store no zero point: 8 is implied).
 
 Where the matmul runs: on CUDA the Triton kernels (``sparse24_matmul`` / ``sparse24_w4a16_matmul``, which
 read half, or an eighth, of the fp16 weight bytes). On the CPU there is no sparse kernel that beats dense:
@@ -31,7 +31,7 @@ from almak.kernels.sparse24 import (
     sparse24_matmul,
     sparse24_w4a16_matmul,
 )
-from almak.modeling.quant_linear import QuantLinear, check_quant_args
+from almak.modeling.nn.quant_linear import QuantLinear, check_quant_args
 from almak.quant.pack import pack_int4, unpack_int4
 from almak.sparse import check_nm
 

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 
 from almak.errors import AlmakError
-from almak.eval.languages import closest_languages, flores200_codes, lang_tag, language_name, parse_lang_pair
-from almak.eval.prompts import Prompt
+from almak.modeling.text.languages import closest_languages, flores200_codes, lang_tag, language_name, parse_lang_pair
+from almak.modeling.text.prompts import Prompt
 
-FLORES_DIR = Path(__file__).resolve().parent.parent / "data" / "flores200"
+FLORES_DIR = Path(__file__).resolve().parents[2] / "data" / "flores200"
 
 
 def test_every_flores200_code_has_a_name_and_variants_are_told_apart():
@@ -128,7 +128,7 @@ def flores_spm(tmp_path, monkeypatch):
     spm = pytest.importorskip("sentencepiece")
     import sacrebleu.tokenizers.tokenizer_spm as tokenizer_spm
 
-    from almak.eval.data import load_testset
+    from almak.modeling.text.data import load_testset
 
     text = tmp_path / "train.txt"
     ts = load_testset("wmt22:de-en").head(300)
@@ -147,8 +147,8 @@ def flores_spm(tmp_path, monkeypatch):
 def test_spbleu_is_bleu_over_sentencepiece_pieces(flores_spm):
     from sacrebleu.metrics import BLEU
 
-    from almak.eval.data import load_testset
     from almak.eval.metrics import bleu, spbleu
+    from almak.modeling.text.data import load_testset
 
     ts = load_testset("wmt22:de-en").head(20)
     hyps = [r.replace("the", "a") for r in ts.references[::-1][:10]] + ts.references[10:]
@@ -178,7 +178,7 @@ def test_spbleu_without_its_model_says_how_to_get_it(tmp_path, monkeypatch):
     ("flores200:ru-cs", "flat", ("ru", "cs"), 8),
 ])
 def test_flores200_sets_from_a_folder(tmp_path, spec, layout, pair, n):
-    from almak.eval.data import load_testset
+    from almak.modeling.text.data import load_testset
 
     folder = FLORES_DIR
     if layout == "flat":  # the files side by side, as the project's shared data keeps them
@@ -202,14 +202,14 @@ def test_flores200_sets_from_a_folder(tmp_path, spec, layout, pair, n):
     ("flores200:deu_Latn-xx", FLORES_DIR, "unknown language code 'xx'"),
 ])
 def test_flores200_errors(spec, folder, message):
-    from almak.eval.data import load_testset
+    from almak.modeling.text.data import load_testset
 
     with pytest.raises(AlmakError, match=message):
         load_testset(spec, flores_dir=folder)
 
 
 def test_flores200_mismatched_line_counts(tmp_path):
-    from almak.eval.data import load_testset
+    from almak.modeling.text.data import load_testset
 
     (tmp_path / "deu_Latn.devtest").write_text("a\nb\nc\n", encoding="utf-8")
     (tmp_path / "eng_Latn.devtest").write_text("a\nb\n", encoding="utf-8")

@@ -1,12 +1,12 @@
 """Batched translation: almak's own generation loop (the default), transformers' ``generate``, or vLLM
-(:mod:`almak.eval.vllm_engine`, where ``model`` is a :class:`~almak.eval.vllm_engine.VllmEngine`).
+(:mod:`almak.modeling.engines.vllm`, where ``model`` is a :class:`~almak.modeling.engines.vllm.VllmEngine`).
 
 The engines search the same way: greedy or beam search over the model's log-probabilities, no sampling,
 and a sentence stops once its output holds a complete non-empty line (or EOS), since ALMA's
 post-processing keeps only the first non-empty line. Empty input lines give empty outputs without
 reaching the model.
 
-- ``almak`` (:class:`almak.modeling.decoder.Decoder`): a preallocated KV cache, finished sentences leave
+- ``almak`` (:class:`almak.modeling.engines.decoder.Decoder`): a preallocated KV cache, finished sentences leave
   the batch at once and the next ones take their rows (greedy), so a batch never idles on its longest
   sentence. On CUDA its decode step replays as a CUDA graph unless ``cuda_graphs=False``. Greedy outputs
   equal transformers' (tested). Beam search keeps, per sentence, the ``num_beams`` best running
@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from almak.errors import AlmakError
-from almak.eval.prompts import Prompt
-from almak.modeling.decoder import Decoder, check_supported, context_limit
+from almak.modeling.engines.decoder import Decoder, check_supported, context_limit
+from almak.modeling.text.prompts import Prompt
 
 ENGINES = ("almak", "hf", "vllm")
 

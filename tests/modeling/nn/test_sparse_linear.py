@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from almak.modeling.quant_linear import QuantLinear
-from almak.modeling.sparse_linear import Sparse24Linear, Sparse24QuantLinear, is_24_sparse
+from almak.modeling.nn.quant_linear import QuantLinear
+from almak.modeling.nn.sparse_linear import Sparse24Linear, Sparse24QuantLinear, is_24_sparse
 from almak.sparse import Sparsity, apply_mask_, magnitude_mask
 
 

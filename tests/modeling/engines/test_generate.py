@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from almak.errors import AlmakError
-from almak.eval.generate import GenerationConfig, LineStop, _beam_search, translate
-from almak.eval.prompts import Prompt
+from almak.modeling.engines.generate import GenerationConfig, LineStop, _beam_search, translate
+from almak.modeling.text.prompts import Prompt
 
 pytestmark = pytest.mark.transformers  # tests here build, load or run transformers models (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def sources():
-    from almak.eval.data import load_testset
+    from almak.modeling.text.data import load_testset
 
     return load_testset("wmt22:de-en").sources[:6]
 
@@ -45,7 +45,7 @@ def test_beam_search_equals_transformers_on_the_embedded_model(smollm, sources):
 def test_static_step_translates_like_the_dynamic_step(smollm, sources, monkeypatch):
     """The static step that CUDA graphs replay, run eagerly on the CPU inside translate: greedy with rows
     leaving and joining, and beam search over two groups in one decoder, give the same text as before."""
-    from almak.modeling.decoder import Decoder
+    from almak.modeling.engines.decoder import Decoder
 
     configs = [GenerationConfig(num_beams=1, max_new_tokens=40, batch_size=4),
                GenerationConfig(num_beams=3, max_new_tokens=40, batch_size=2)]

@@ -1,0 +1,1 @@
+"""What changes a model: calibration, quantization, pruning, rotation, mixed precision, fine-tuning, distillation."""
