@@ -25,8 +25,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from almak.errors import AlmakError
+
 __all__ = ["umask", "ordinary_modes", "clean_stale", "temp_dir_beside", "publish_dir", "write_dir_atomic",
-           "write_text_atomic"]
+           "write_text_atomic", "check_new_output", "check_writable_place"]
 
 
 def umask() -> int:
@@ -157,3 +159,32 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         _remove_own(path)
         raise
+
+
+def check_new_output(path: Path, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse, before any work is done, an output that cannot or must not be written: one that exists (unless
+    ``overwrite``), in a folder that does not exist or cannot be written, or one whose replacing would delete one of
+    ``inputs`` (the same path, or a folder holding it)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise AlmakError(f"{str(path)!r} exists; pass --overwrite to replace it")
+    check_writable_place(path, inputs)
+
+
+def check_writable_place(path: Path, inputs: tuple = ()) -> None:
+    """The parts of :func:`check_new_output` that hold with or without ``--overwrite`` (and for a resumed run)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise AlmakError(f"the folder of {str(path)!r} does not exist")
+    target = path.resolve()
+    for item in inputs:
+        if not item or not Path(item).expanduser().exists():
+            continue  # an alias or a hub id: nothing local to protect
+        source = Path(item).expanduser().resolve()
+        if source == target or target in source.parents:
+            raise AlmakError(f"{str(path)!r} is {'' if source == target else 'a folder holding '}the input "
+                             f"{str(item)!r}; writing there would replace it: choose another output path")
+    try:  # the writes happen at the end: find out now whether they can
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise AlmakError(f"cannot write in {str(path.parent)!r} ({e.strerror or e})") from None

@@ -256,7 +256,7 @@ def child(name: str, nsamples: int, seqlen: int, limit_de_en: int, limit: int) -
     rec["rss_loaded_mib"] = rss_mib()
 
     if p.lib == "almak":
-        from almak.modeling.nn.surgery import QuantizeRecipe, quantize_model
+        from almak.modeling.pipelines.quantize import QuantizeRecipe, quantize_model
 
         new = {}  # fields being added to QuantizeRecipe: only where a point uses them
         if p.rotate:

@@ -98,7 +98,7 @@ def rss_mib() -> float:
 
 
 def perplexity(model, tokenizer, limit: int, testset: str = TESTSET) -> tuple[float, float]:
-    from almak.eval.metrics import reference_nll
+    from almak.modeling.engines.scoring import reference_nll
     from almak.modeling.text.data import load_testset
     from almak.modeling.text.prompts import Prompt
 
@@ -193,7 +193,7 @@ def child(method: str, nsamples: int, seqlen: int, limit: int) -> dict:
     if method == "llmcompressor-gptq":
         rec.update(llmc_quantize(model, tok, samples, seqlen))
     elif method in almak_gptq:
-        from almak.modeling.nn.surgery import gptq_quantize_
+        from almak.modeling.pipelines.quantize import gptq_quantize_
         from almak.quant.gptq import GPTQConfig
 
         cfg = GPTQConfig(bits=BITS, group_size=GROUP_SIZE, sym=SYM, damp=DAMP, act_order=True,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from almak.eval.metrics import reference_nll
+from almak.modeling.engines.scoring import reference_nll
 from almak.modeling.load import load_model
 from almak.modeling.nn.quant_linear import QuantLinear
 from almak.modeling.nn.surgery import set_module

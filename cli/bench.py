@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from pathlib import Path
-
 import click
 
-from almak.cli.common import print_table, progress_bar
+from almak.cli.common import print_table, stage_bars
 from almak.errors import AlmakError
-from almak.eval.bench import (
-    SHAPE_VARIANTS,
-    BenchConfig,
-    device_name,
-    plot_decode_speedup,
-    plot_quality,
-    quality_metric,
-    random_model,
-    run_bench,
-    summarize,
-)
 from almak.eval.bench import SHAPES as BENCH_SHAPES
-from almak.eval.evaluate import check_new_output
-from almak.files import write_dir_atomic
-from almak.modeling.devices import DTYPES, check_device, inference_dtype
+from almak.eval.bench import BenchConfig
+from almak.eval.bench import bench as run_bench
 from almak.modeling.engines.generate import ENGINES
-from almak.modeling.engines.vllm import VllmEngine
-from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 
 
 @click.command()
@@ -79,112 +61,29 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
       almak bench --shape alma-7b float int4 --batch-sizes 1,16 --device cuda
       almak bench smollm2-135m --engine almak,hf,vllm --dtype bfloat16 --batch-sizes 1,8
     """
-    import datetime
-    import importlib.util
-
-    import torch
-
-
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise AlmakError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
-    engine_list = [e.strip() for e in engines.split(",") if e.strip()]
-    unknown = [e for e in engine_list if e not in ENGINES]
-    if unknown or not engine_list:
+    engine_list = tuple(e.strip() for e in engines.split(",") if e.strip())
+    if not engine_list or any(e not in ENGINES for e in engine_list):
         raise AlmakError(f"--engine takes comma-separated engines from {', '.join(ENGINES)}, got {engines!r}")
-    engine_list = list(dict.fromkeys(engine_list))
-    if "vllm" in engine_list and shape:
-        raise AlmakError("--engine vllm runs model folders, not --shape's in-memory models: write the variant with "
-                         "almak quantize / prune and pass its folder")
-    if tensor_parallel_size != 1 and "vllm" not in engine_list:
-        raise AlmakError("--tensor-parallel-size goes with --engine vllm")
     config = BenchConfig(batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
                          engine=engine_list[0], cuda_graphs=cuda_graphs)
-    out = Path(out_dir) if out_dir else None
-    if out:
-        check_new_output(out, overwrite, inputs=(*models, *reports))
-    quality = {}
-    for path in reports:
-        try:
-            quality[Path(path).resolve().parent.name] = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AlmakError(f"{path} is not an almak eval report.json: {e}") from None
-    if quality and (no_plot or not out):
-        raise AlmakError("--report makes a plot: give --out, without --no-plot")
-    if quality:
-        quality_metric(quality)
-    if not no_plot and out and importlib.util.find_spec("matplotlib") is None:
-        raise AlmakError("the plot needs matplotlib: pip install 'almak[bench]', or pass --no-plot")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    vllm_dtype, (dtype, _) = dtype, inference_dtype(dtype, check_device(device).type)
-    if layers and not shape:
-        raise AlmakError("--layers goes with --shape")
-    loaded, info = {}, {}
-    if shape:
-
-        unknown = [m for m in models if m not in SHAPE_VARIANTS]
-        if unknown:
-            raise AlmakError(f"with --shape, MODELS are variants of it ({', '.join(SHAPE_VARIANTS)}), not "
-                             f"{', '.join(unknown)}")
-        for name in dict.fromkeys(models or ("float", "int8", "int4")):
-            # same seed: same weights; each projection is made the variant as it is drawn
-            model = loaded[name] = random_model(shape, DTYPES[dtype], device, layers, variant=name)
-            info[name] = {"ref": f"random {shape}" + (f" ({layers} layers)" if layers else ""),
-                          "engine": engine_list[0], "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                          "weight_bytes": weight_bytes(model)}
-    run_engine = {name: engine_list[0] for name in loaded}
-    for ref in () if shape else (models or (DEFAULT_MODEL,)):
-        base = Path(ref).name or ref
-        lm = None
-        for engine in engine_list:
-            name = base if len(engine_list) == 1 else f"{base} [{engine}]"
-            while name in loaded:
-                name += "'"
-            if engine == "vllm":
-                model = VllmEngine(ref, vllm_dtype, tensor_parallel_size, cuda_graphs)
-                model.start(prompt_len + gen_len + 1, max(sizes))
-                info[name] = {"ref": ref, "engine": engine, "dtype": model.dtype, "weight_bytes": model.weight_bytes()}
-            else:
-                lm = lm or load_model(ref, device=device, dtype=dtype)
-                model = lm.model
-                info[name] = {"ref": lm.ref, "engine": engine,
-                              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                              "weight_bytes": weight_bytes(model)}
-            loaded[name], run_engine[name] = model, engine
-    total = len(loaded) * len(sizes) * repeats
-    with progress_bar("bench", total, unit="run") as bar:
-        records = run_bench(loaded, config, progress=bar.update, engines=run_engine)
-    baseline = next(iter(loaded))
-    summarize(records, baseline)
+    with stage_bars(unit="run") as progress:
+        r = run_bench(models, config, device=device, dtype=dtype, engines=engine_list, shape=shape, layers=layers,
+                      tensor_parallel_size=tensor_parallel_size, reports=reports, out=out_dir, plot=not no_plot,
+                      overwrite=overwrite, progress=progress)
     rows = []
-    for r in records:
-        mem = f", peak {r['peak_mib']:.0f} MiB" if "peak_mib" in r else ""
-        rows.append((f"{r['model']} b={r['batch']}",
-                     f"prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s "
-                     f"({r['ms_per_token']:.1f} ms/step, {r['decode_speedup']:.2f}x {baseline}){mem}"))
-    rows += [(f"{n} weights", f"{d['weight_bytes'] / 2**20:.1f} MiB ({d['dtype']})") for n, d in info.items()
+    for rec in r.records:
+        mem = f", peak {rec['peak_mib']:.0f} MiB" if "peak_mib" in rec else ""
+        rows.append((f"{rec['model']} b={rec['batch']}",
+                     f"prefill {rec['prefill_tok_s']:.0f} tok/s, decode {rec['decode_tok_s']:.1f} tok/s "
+                     f"({rec['ms_per_token']:.1f} ms/step, {rec['decode_speedup']:.2f}x {r.baseline}){mem}"))
+    rows += [(f"{n} weights", f"{d['weight_bytes'] / 2**20:.1f} MiB ({d['dtype']})") for n, d in r.models.items()
              if d.get("weight_bytes") is not None]
-    graphed = "almak" in engine_list and cuda_graphs and torch.device(device).type == "cuda"
-    loop = " / ".join(f"{e} loop" for e in engine_list) + (" (CUDA graphs)" if graphed else "")
-    print_table(rows, title=f"{device}, {loop}, {prompt_len} prompt + {gen_len} generated tokens, median of {repeats}")
-    if out is None:
-        return
-    doc = {"benchmark": "almak bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": device_name(device),
-           "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "config": {**dataclasses.asdict(config), "engines": engine_list}, "models": info, "baseline": baseline, "results": records}
-    if quality:
-        doc["quality"] = {name: {k: r.get(k) for k in ("model", "testset", "n", "ppl", "chrf", "bleu", "weight_bytes")}
-                          for name, r in quality.items()}
-
-    def fill(tmp: Path) -> None:
-        (tmp / "bench.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        if not no_plot:
-            plot_decode_speedup(records, baseline, tmp / "decode_speedup.png")
-        if quality:
-            plot_quality(quality, tmp / "quality_vs_bytes.png")
-
-    write_dir_atomic(out, fill)
-    click.echo(f"wrote {out}", err=True)
+    graphed = "almak" in engine_list and cuda_graphs and r.device.startswith("cuda")
+    loop = " / ".join(f"{e} loop" for e in dict.fromkeys(engine_list)) + (" (CUDA graphs)" if graphed else "")
+    print_table(rows, title=f"{r.device}, {loop}, {prompt_len} prompt + {gen_len} generated tokens, median of {repeats}")
+    if r.out:
+        click.echo(f"wrote {r.out}", err=True)

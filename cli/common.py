@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -10,14 +11,9 @@ import click
 from almak.errors import AlmakError
 from almak.eval.metrics import BLEU_TOKENIZERS
 from almak.modeling.checkpoint import SPARSE_FORMATS
-from almak.modeling.devices import check_device, inference_dtype
-from almak.modeling.engines.decoder import SUPPORTED
 from almak.modeling.engines.generate import ENGINES, GenerationConfig
-from almak.modeling.engines.vllm import VllmEngine
-from almak.modeling.load import DEFAULT_MODEL, LoadedModel, load_model
 from almak.modeling.nn.surgery import QuantConfig
 from almak.modeling.pipelines.finetune import GROUP_STEPS
-from almak.modeling.text.prompts import guess_family
 
 
 class Finite(click.FloatRange):
@@ -38,6 +34,25 @@ def progress_bar(desc: str, total: int, unit: str = "sent"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+@contextlib.contextmanager
+def stage_bars(unit: str = "sent"):
+    """A ``progress(stage, total)`` for the library's staged calls: a bar per stage on stderr, the previous one
+    closed when the next starts, all closed on exit."""
+    bars = []
+
+    def progress(stage: str, total: int):
+        for bar in bars:
+            bar.close()
+        bars.append(progress_bar(stage, total, unit))
+        return bars[-1].update
+
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def model_options(f):
@@ -92,31 +107,6 @@ def calibration_options(f):
     return f
 
 
-def load_for_calibration(model, device: str, dtype: str):
-    """(loaded model on the CPU, calibration device, prompt family) for quantize and prune."""
-    import torch
-
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "float16"
-    lm = load_model(model or DEFAULT_MODEL, device="cpu", dtype=dtype)
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    return lm, device
-
-
-def peak_memory(device: str) -> str:
-    import resource
-
-    import torch
-
-    if torch.device(device).type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (cuda)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (cpu max rss)"
-
-
 def generation_options(f):
     d = GenerationConfig()
     f = click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
@@ -150,42 +140,6 @@ def quant_config(quant: str | None, group_size: str | None):
     return QuantConfig(bits=bits, group_size=int(group_size or (128 if bits == 4 else -1)))
 
 
-def load(model, device, dtype, prompt_family, qconfig=None, model_types=None):
-    """Load MODEL (a local folder refused unless its model_type is one of ``model_types``, where given), quantize it
-    on the fly when asked, and settle the prompt family."""
-    import torch
-
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype, lm_dtype_choice = inference_dtype(dtype, check_device(device).type)
-    lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype, quant=qconfig, model_types=model_types)
-    lm.dtype_choice = lm_dtype_choice
-    if qconfig:
-        summary = lm.quantized
-        kept = f"; kept {', '.join(summary['skipped'])}" if summary["skipped"] else ""
-        click.echo(f"quantized {len(summary['quantized'])} linears to {qconfig.describe()}{kept}", err=True)
-    return lm, prompt_family or guess_family(lm.ref, lm.tokenizer)
-
-
-def load_for_engine(model, device, dtype, prompt_family, qconfig, gen: GenerationConfig, tensor_parallel_size: int):
-    """:func:`load` for ``gen.engine``; for vLLM, a :class:`VllmEngine` over MODEL in the LoadedModel's place."""
-    if gen.engine != "vllm":
-        if tensor_parallel_size != 1:
-            raise AlmakError("--tensor-parallel-size goes with --engine vllm")
-        return load(model, device, dtype, prompt_family, qconfig, SUPPORTED if gen.engine == "almak" else None)
-    if qconfig:
-        raise AlmakError("--quant quantizes almak's in-memory model, which vLLM does not run: write a checkpoint "
-                         "with almak quantize and pass its folder")
-    engine = VllmEngine(model or DEFAULT_MODEL, dtype, tensor_parallel_size, gen.cuda_graphs)
-    if device != "auto" and check_device(device).type != engine.device:
-        raise AlmakError(f"this vLLM build runs on {engine.device}, not {device}: drop --device (vLLM's build "
-                         "decides where it runs)")
-    lm = LoadedModel(engine, engine.tokenizer, model or DEFAULT_MODEL, str(engine.folder),
-                     "auto: bfloat16 with --engine vllm" if dtype == "auto" else "asked for")
-    return lm, prompt_family or guess_family(lm.ref, lm.tokenizer)
-
-
 def print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
     width = max(len(k) for k, _ in rows)
     if title:
@@ -217,11 +171,16 @@ def metric_rows(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def training_events(bar):
-    """A finetune / distill progress callback that advances ``bar`` and shows the loss and validation ppl."""
-    post = {}
+@contextlib.contextmanager
+def training_bar(desc: str, total: int):
+    """A finetune / distill progress callback: a bar of ``total`` steps, opened at the run's first event (after the
+    models load, so that a refusal is the only thing on stderr), showing the loss and the validation ppl."""
+    post, bars = {}, []
 
     def on_event(event: dict) -> None:
+        if not bars:
+            bars.append(progress_bar(desc, total, unit="step"))
+        bar = bars[0]
         if event["event"] == "start":
             bar.update(event["step"] - bar.n)
             return
@@ -232,18 +191,11 @@ def training_events(bar):
             post["val_ppl"] = f"{event['ppl']:.2f}"
         bar.set_postfix(post, refresh=False)
 
-    return on_event
-
-
-def training_device(device: str, dtype: str) -> tuple[str, str]:
-    """auto device: cuda if present; auto dtype: bfloat16 on a GPU that has it, float32 otherwise."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return device, dtype
+    try:
+        yield on_event
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def training_speed_options(command):

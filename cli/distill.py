@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from almak.cli.common import (
     SEED,
     Finite,
     fmt,
-    peak_memory,
     print_table,
-    progress_bar,
-    training_device,
-    training_events,
+    training_bar,
     training_speed_options,
 )
-from almak.errors import AlmakError
-from almak.modeling.checkpoint import is_compressed_checkpoint, is_gptq_checkpoint
-from almak.modeling.load import load_model
+from almak.modeling.devices import describe_memory
 from almak.modeling.pipelines.distill import PRUNED_LR, SCALES_LR, DistillConfig
 from almak.modeling.pipelines.distill import distill as run_distill
-from almak.modeling.pipelines.finetune import check_output, load_pairs
-from almak.modeling.text.prompts import guess_family
 
 DISTILL_DEFAULTS = DistillConfig(steps=200)
 
@@ -91,35 +82,18 @@ def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, te
           --grad-accum 1 --out runs/smollm-24-kd
       almak distill runs/smollm-w4g64 --teacher smollm2-135m --data alma:de-en,en-de --out runs/smollm-w4-kd
     """
-    import torch
-
-
     config = DistillConfig(data=data, lang_pair=lang_pair, valid=valid, valid_sentences=valid_sentences, alpha=alpha,
                            temperature=temperature, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                            max_len=max_len, bf16=bf16, group_by_length=group_by_length, warmup=warmup,
                            eval_every=eval_every, save_every=save_every, seed=seed)
-    out = Path(out_dir)
-    check_output(out, resume, overwrite, inputs=(student, teacher, data, valid))
-    if not Path(student).is_dir() or not ((Path(student) / "sparsity_report.json").is_file()
-                                          or is_compressed_checkpoint(student) or is_gptq_checkpoint(student)):
-        raise AlmakError(f"{student!r} is not an almak prune or almak quantize checkpoint folder")
-    if Path(student).resolve() == out.resolve():
-        raise AlmakError("--out must not be the student's own folder")
-    load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading models
-    device, dtype = training_device(device, dtype)
-    t = load_model(teacher, device=device, dtype=dtype)
-    s = load_model(student, device=device, dtype=dtype)
-    family = prompt_family or guess_family(t.ref, t.tokenizer)
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with progress_bar("distill", config.steps, unit="step") as bar:
-        result = run_distill(s.model, t.model, s.tokenizer, family, config, out, student_ref=student,
-                             teacher_ref=t.ref, resume=resume, progress=training_events(bar), overwrite=overwrite)
+    with training_bar("distill", config.steps) as events:
+        result = run_distill(student, teacher, config, out_dir, device=device, dtype=dtype, prompt=prompt_family,
+                             resume=resume, overwrite=overwrite, progress=events)
     r = result.summary
     per_step = config.batch_size * config.grad_accum
     print_table([
-        ("student / teacher", f"{student} / {t.ref}"),
-        ("trains", f"{r['trains']}; KD alpha {config.alpha:g} at T={config.temperature:g}, prompt {family}"),
+        ("student / teacher", f"{student} / {result.teacher}"),
+        ("trains", f"{r['trains']}; KD alpha {config.alpha:g} at T={config.temperature:g}, prompt {result.prompt}"),
         ("data", f"{config.data}: {r['examples']} examples"),
         ("steps", f"{r['steps']} x {per_step} examples ({r['epochs']:g} epochs)"),
         ("train loss first / last", f"{fmt(r['train_loss_first'], 4)} / {fmt(r['train_loss_last'], 4)}"),
@@ -127,6 +101,6 @@ def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, te
          + (f" ({r['val_sentences']} sentences)" if r["val_sentences"] else " (no validation set)")),
         ("trainable parameters", f"{r['trainable_parameters'] / 1e6:.2f}M of {r['parameters'] / 1e6:.1f}M"),
         ("time", f"{r['seconds']:.1f} s"),
-        ("peak memory", peak_memory(device)),
+        ("peak memory", describe_memory(result.peak_memory)),
         ("written to", out_dir),
     ])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
 import click
 
@@ -12,20 +10,18 @@ from almak.cli.common import (
     bleu_tokenize_option,
     fmt,
     generation_options,
-    load_for_engine,
     metric_rows,
     model_options,
     print_columns,
     print_table,
-    progress_bar,
     quant_config,
+    stage_bars,
 )
-from almak.errors import AlmakError
-from almak.eval.compare import check_baseline, compare, directions_of, read_report, report_path
-from almak.eval.evaluate import EvalConfig, check_new_output, evaluate, evaluate_testsets, write_eval_dir
-from almak.eval.metrics import check_metrics, parse_metrics
+from almak.eval.compare import directions_of
+from almak.eval.evaluate import EvalConfig, evaluate
+from almak.eval.metrics import parse_metrics
+from almak.modeling.engines.engine import EngineConfig
 from almak.modeling.engines.generate import GenerationConfig
-from almak.modeling.text.data import load_testsets
 
 
 @click.command(name="eval")
@@ -84,57 +80,14 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, fl
         generation=GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                     engine=engine, cuda_graphs=cuda_graphs),
     )
-    testsets = [ts.head(limit) for ts in load_testsets(testset, lang_pair, flores_dir)]
-    for ts in testsets:  # a missing tokenizer fails now, not after translating
-        check_metrics(list(config.metrics), ts.tgt, bleu_tokenize)
-    base_file = report_path(baseline) if baseline else None
-    base_report = None
-    if base_file:  # a report that does not match fails now, not after evaluating
-        base_report = read_report(base_file)
-        check_baseline(base_report, {ts.lang_pair: len(ts.sources) for ts in testsets}, list(config.metrics),
-                       repr(baseline))
-    elif baseline and engine == "vllm":
-        raise AlmakError("--baseline with a model runs two models in one process, which --engine vllm does not: "
-                         "evaluate the baseline on its own with --out DIR and pass --baseline DIR")
-    if out_dir:
-        check_new_output(Path(out_dir), overwrite, inputs=(model, *testset.split(","), flores_dir, baseline))
-    qconfig = quant_config(quant, group_size)
-
-    def run(ref, qconfig, family, label=""):
-        """Load ``ref`` and evaluate it on every test set; the model is freed on return."""
-        lm, config.prompt = load_for_engine(ref, device, dtype, family, qconfig, config.generation,
-                                            tensor_parallel_size)
-        bars = []
-
-        def progress(stage, total):  # one bar per stage, the previous one closed first
-            for bar in bars:
-                bar.close()
-            bars.append(progress_bar(label + stage, total))
-            return bars[-1].update
-
-        try:
-            if len(testsets) > 1:
-                report, hyps = evaluate_testsets(lm.model, lm.tokenizer, testsets, config, progress)
-            else:
-                report, hyps = evaluate(lm.model, lm.tokenizer, testsets[0], config, progress)
-        finally:
-            for bar in bars:
-                bar.close()
-        run_fields = {"model": lm.ref, "dtype_choice": lm.dtype_choice}
-        if engine == "vllm":
-            run_fields["tensor_parallel_size"] = tensor_parallel_size
-        if qconfig:
-            run_fields["quant"] = {**dataclasses.asdict(qconfig), "method": "rtn-on-load"}
-        # a single direction's report keeps its fields first, as before there were several
-        return ({**run_fields, **report} if len(testsets) > 1 else {**report, **run_fields}), hyps
-
-    report, hyps = run(model, qconfig, prompt_family)
-    if baseline and base_report is None:
-        base_report, _ = run(baseline, None, config.prompt, "baseline ")
-    if base_report is not None:
-        report = compare(report, base_report)
-    if out_dir:
-        write_eval_dir(Path(out_dir), report, hyps, overwrite)
+    engine_config = EngineConfig(name=engine, device=device, dtype=dtype, quant=quant_config(quant, group_size),
+                                 prompt=prompt_family, tensor_parallel_size=tensor_parallel_size,
+                                 cuda_graphs=cuda_graphs)
+    with stage_bars() as progress:
+        result = evaluate(model, testset, config, engine_config, lang_pair=lang_pair, flores_dir=flores_dir,
+                          limit=limit, baseline=baseline, out=out_dir, overwrite=overwrite, progress=progress)
+    report, testsets, base_file = result.report, result.testsets, result.baseline_file
+    base_report = report.get("baseline")
     if fmt_ == "json":
         click.echo(json.dumps(report, ensure_ascii=False))
         return
@@ -152,7 +105,7 @@ def eval_cmd(model, quant, group_size, device, dtype, prompt_family, testset, fl
         rows.append(("test sets", ", ".join(ts.name for ts in testsets)))
     rows += [("engine", f"{engine}, {report['dtype']} on {report['device']} ({report['dtype_choice']})"
               + (f", tensor parallel {tensor_parallel_size}" if tensor_parallel_size > 1 else "")),
-             ("prompt / beams", f"{config.prompt} / {num_beams}" if generated else config.prompt)]
+             ("prompt / beams", f"{report['prompt']} / {num_beams}" if generated else report["prompt"])]
     tail = [("peak memory", f"{report['peak_memory_bytes'] / 2**20:.0f} MiB ({report['peak_memory_kind']})"),
             ("weight bytes", f"{report['weight_bytes'] / 2**20:.1f} MiB")]
     if out_dir:

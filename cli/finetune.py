@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from almak.cli.common import (
     SEED,
     Finite,
     fmt,
-    peak_memory,
     print_table,
-    progress_bar,
-    training_device,
-    training_events,
+    training_bar,
     training_speed_options,
 )
 from almak.errors import AlmakError
-from almak.modeling.load import DEFAULT_MODEL, load_model
-from almak.modeling.pipelines.finetune import FinetuneConfig, check_output, load_pairs
+from almak.modeling.devices import describe_memory
+from almak.modeling.pipelines.finetune import FinetuneConfig
 from almak.modeling.pipelines.finetune import finetune as run_finetune
-from almak.modeling.text.prompts import guess_family
 
 # The CLI takes finetune's defaults from the library's config.
 FINETUNE_DEFAULTS = FinetuneConfig()
@@ -93,9 +87,6 @@ def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lo
       almak finetune ~/models/ALMA-7B-Pretrain --data alma --steps 2000 --batch-size 16 --grad-accum 4 --out alma-ft
       almak finetune --data alma:de-en,en-de --steps 200 --out smollm-ft --resume   # after an interruption
     """
-    import torch
-
-
     if full and (lora_rank, lora_alpha, lora_dropout) != (None, None, None):
         raise AlmakError("--lora-rank, --lora-alpha and --lora-dropout configure LoRA; drop them with --full")
     d = FINETUNE_DEFAULTS
@@ -106,17 +97,9 @@ def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lo
         lora_dropout=d.lora_dropout if lora_dropout is None else lora_dropout,
         steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, bf16=bf16,
         group_by_length=group_by_length, warmup=warmup, eval_every=eval_every, save_every=save_every, seed=seed)
-    out = Path(out_dir)
-    check_output(out, resume, overwrite, inputs=(model, data, valid))
-    load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading the model
-    device, dtype = training_device(device, dtype)
-    lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
-    family = prompt_family or guess_family(lm.ref, lm.tokenizer)
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with progress_bar("finetune", config.steps, unit="step") as bar:
-        result = run_finetune(lm.model, lm.tokenizer, family, config, out, resume=resume,
-                              progress=training_events(bar), overwrite=overwrite, base_ref=lm.ref)
+    with training_bar("finetune", config.steps) as events:
+        result = run_finetune(model, config, out_dir, device=device, dtype=dtype, prompt=prompt_family,
+                              resume=resume, overwrite=overwrite, progress=events)
     s = result.summary
     if full:
         method = "full (every weight)"
@@ -125,8 +108,8 @@ def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lo
                   + "/".join(m.removesuffix("_proj") for m in config.target_modules))
     per_step = config.batch_size * config.grad_accum
     print_table([
-        ("model", lm.ref),
-        ("method", f"{method}; prompt {family}"),
+        ("model", result.base),
+        ("method", f"{method}; prompt {result.prompt}"),
         ("data", f"{config.data}: {s['examples']} examples"),
         ("steps", f"{s['steps']} x {per_step} examples ({s['epochs']:g} epochs), lr {config.learning_rate:g}"),
         ("train loss first / last", f"{fmt(s['train_loss_first'], 4)} / {fmt(s['train_loss_last'], 4)}"),
@@ -135,6 +118,6 @@ def finetune(model, data, lang_pair, valid, valid_sentences, full, lora_rank, lo
         ("trainable parameters", f"{s['trainable_parameters'] / 1e6:.2f}M of {s['parameters'] / 1e6:.1f}M "
                                  f"({s['trainable_parameters'] / s['parameters']:.2%})"),
         ("time", f"{s['seconds']:.1f} s"),
-        ("peak memory", peak_memory(device)),
+        ("peak memory", describe_memory(result.peak_memory)),
         ("written to", out_dir),
     ])

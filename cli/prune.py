@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from almak.cli.common import (
-    SEED,
-    Finite,
-    calibration_options,
-    load_for_calibration,
-    peak_memory,
-    print_table,
-    progress_bar,
-    sparse_format_option,
-)
+from almak.cli.common import SEED, Finite, calibration_options, print_table, sparse_format_option, stage_bars
 from almak.errors import AlmakError
-from almak.eval.evaluate import check_new_output
-from almak.modeling.checkpoint import save_pruned, vllm_summary
-from almak.modeling.load import weight_bytes
-from almak.modeling.nn.surgery import sparsify_
-from almak.modeling.pipelines.calibrate import decoder_layers
-from almak.modeling.pipelines.prune import PruneRecipe, prune_model
-from almak.modeling.text.prompts import guess_family
+from almak.modeling.devices import describe_memory
+from almak.modeling.pipelines.prune import PruneRecipe
+from almak.modeling.pipelines.prune import prune as run_prune
 
 # The CLI takes its defaults from the library's recipe.
 PRUNE_DEFAULTS = PruneRecipe()
@@ -66,47 +51,28 @@ def prune(model, method, sparsity, pattern, skip, calib, nsamples, seqlen, seed,
       almak prune --method sparsegpt --pattern 2:4 --skip self_attn --out smollm-24
       almak prune --method wanda --sparsity 0.5 --out smollm-wanda50
     """
-    import time
-
-    import torch
-
-
     if pattern and sparsity is not None:
         raise AlmakError("give --sparsity (unstructured) or --pattern (N:M), not both")
     recipe = PruneRecipe(method=method, sparsity=PRUNE_DEFAULTS.sparsity if sparsity is None else sparsity,
                          pattern=pattern, skip=skip, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          damp=damp)
-    out = Path(out_dir)
-    check_new_output(out, overwrite, inputs=(model, calib))
-    lm, device = load_for_calibration(model, device, dtype)
-    if any(not isinstance(m, torch.nn.Linear) for n, m in lm.model.named_modules()
-           if n.rsplit(".", 1)[-1] in ("q_proj", "down_proj")):
-        raise AlmakError(f"{lm.ref} is already compressed; prune a float model (then almak quantize the result)")
-    family = prompt_family or guess_family(lm.ref, lm.tokenizer)
-    before = weight_bytes(lm.model)
-    start = time.perf_counter()
-    with progress_bar(method, len(decoder_layers(lm.model)), unit="layer") as bar:
-        report = prune_model(lm.model, lm.tokenizer, recipe, device=device, prompt_family=family, progress=bar.update)
-    seconds = time.perf_counter() - start
-    stored_24 = sparsify_(lm.model, names=report["pruned"]) if recipe.target().n == 2 and recipe.target().m == 4 else []
-    fields = {"command": "prune", **recipe.to_json(), "model": lm.ref,
-              "prompt": None if method == "magnitude" else family, "seconds": round(seconds, 1)}
-    save_pruned(lm.model, lm.tokenizer, out, fields, report, overwrite=overwrite, sparse_format=sparse_format)
-    after = weight_bytes(lm.model)
-    peak = peak_memory(device)
+    with stage_bars(unit="layer") as progress:
+        r = run_prune(model, recipe, out_dir, device=device, dtype=dtype, prompt=prompt_family,
+                      sparse_format=sparse_format, overwrite=overwrite, progress=progress)
+    report, stored_24 = r.report, r.stored_24
     what = f"{method} {recipe.target()}" + ("" if method == "magnitude" else f", {nsamples} x <={seqlen} tokens of {calib}")
-    rows = [("model", lm.ref), ("method", what),
+    rows = [("model", r.model), ("method", what),
             ("layers pruned", f"{len(report['pruned'])}" + (f" ({len(stored_24)} of them 2:4 layers)" if stored_24 else "")),
             ("layers kept dense", _skipped_summary(report["skipped"])),
             ("sparsity", f"{report['pruned_sparsity']:.1%} of the pruned layers, {report['sparsity']:.1%} of all "
                          "projections"),
-            ("size before / after", f"{before / 2**20:.1f} MiB / {after / 2**20:.1f} MiB in memory"
+            ("size before / after", f"{r.bytes_before / 2**20:.1f} MiB / {r.bytes_after / 2**20:.1f} MiB in memory"
              + ("" if stored_24 and sparse_format != "dense" else
                 " (stored dense)" if stored_24 else " (unstructured: stored dense)")),
-            ("time", f"{seconds:.1f} s"), ("peak memory", peak)]
+            ("time", f"{r.seconds:.1f} s"), ("peak memory", describe_memory(r.peak_memory))]
     rows += _per_layer_rows(report["layers"])
-    if stored_24:
-        rows.append(("vLLM", vllm_summary(lm.model, sparse_format)))
+    if r.vllm:
+        rows.append(("vLLM", r.vllm))
     rows.append(("written to", out_dir))
     print_table(rows)
 

@@ -37,7 +37,7 @@ def score(src_path, hyp_path, ref_path, lang_pair, metrics, bleu_tokenize, comet
 
     src, tgt = parse_lang_pair(lang_pair)
     names = parse_metrics(metrics)
-    if "nll" in names:
+    if "nll" in names:  # before reading any file
         raise AlmakError("nll needs a model; use almak eval for it")
     check_metrics(names, tgt, bleu_tokenize)
     sources = read_lines(src_path, "source file")

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import click
 
-from almak.cli.common import generation_options, load_for_engine, model_options, progress_bar, quant_config
-from almak.eval.evaluate import check_new_output
-from almak.files import write_text_atomic
+from almak.cli.common import generation_options, model_options, quant_config, stage_bars
+from almak.files import check_new_output, write_text_atomic
+from almak.modeling.engines.engine import EngineConfig
 from almak.modeling.engines.generate import GenerationConfig
-from almak.modeling.engines.generate import translate as run_translate
+from almak.modeling.engines.translate import translate as run_translate
 from almak.modeling.text.data import decode_text, read_lines, split_lines
 from almak.modeling.text.languages import language_name
-from almak.modeling.text.prompts import Prompt
 
 
 @click.command()
@@ -43,7 +42,7 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
       almak translate LLaMAX/LLaMAX3-8B-Alpaca --src yor_Latn --tgt eng_Latn -i in.yo -o out.en
     """
 
-    language_name(src), language_name(tgt)  # refuse unknown codes before anything is loaded
+    language_name(src), language_name(tgt)  # refuse unknown codes before anything is read
     if output_path != "-":
         check_new_output(Path(output_path), overwrite, inputs=(model, None if input_path == "-" else input_path))
     if input_path == "-":
@@ -52,13 +51,23 @@ def translate(model, quant, group_size, device, dtype, prompt_family, src, tgt, 
         lines = read_lines(input_path, "input file")
     gen = GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            engine=engine, cuda_graphs=cuda_graphs)
-    lm, family = load_for_engine(model, device, dtype, prompt_family, quant_config(quant, group_size), gen,
-                                 tensor_parallel_size)
-    click.echo(f"{lm.ref}: {getattr(lm.model, 'dtype', '')} ({lm.dtype_choice})".replace("torch.", ""), err=True)
-    with progress_bar("translate", len(lines)) as bar:
-        result = run_translate(lm.model, lm.tokenizer, lines, Prompt(family, src, tgt), gen, bar.update)
+    engine_config = EngineConfig(name=engine, device=device, dtype=dtype, quant=quant_config(quant, group_size),
+                                 prompt=prompt_family, tensor_parallel_size=tensor_parallel_size,
+                                 cuda_graphs=cuda_graphs)
+    with stage_bars() as progress:
+        result = run_translate(model, lines, src, tgt, gen, engine_config, progress,
+                               on_loaded=lambda r: report_load(r, engine_config))
     text = "".join(h + "\n" for h in result.hypotheses)
     if output_path == "-":
         click.echo(text, nl=False)
     else:
         write_text_atomic(Path(output_path), text)
+
+
+def report_load(result, engine_config) -> None:
+    """What was loaded, on stderr, before the translations start."""
+    if result.quantized:
+        kept = result.quantized["skipped"]
+        click.echo(f"quantized {len(result.quantized['quantized'])} linears to {engine_config.quant.describe()}"
+                   + (f"; kept {', '.join(kept)}" if kept else ""), err=True)
+    click.echo(f"{result.model}: {result.dtype} ({result.dtype_choice})", err=True)

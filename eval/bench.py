@@ -16,20 +16,28 @@ where prefill is the time of a run that generates one token and decode the rest 
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import importlib.util
+import json
 import os
 import platform
 import re
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from almak.errors import AlmakError
-from almak.modeling.devices import release_freed_memory
-from almak.modeling.engines.decoder import Decoder, check_room, context_limit, kv_cache_bytes
+from almak.files import check_new_output, write_dir_atomic
+from almak.modeling.architecture import context_limit
+from almak.modeling.devices import DTYPES, check_device, inference_dtype, release_freed_memory
+from almak.modeling.engines.decoder import Decoder, check_room, kv_cache_bytes
 from almak.modeling.engines.generate import ENGINES
+from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 from almak.modeling.nn.surgery import QuantConfig, quantize_, set_module, sparsify_, target_linears
 from almak.sparse.masks import apply_mask_, nm_mask
 
@@ -331,3 +339,117 @@ def plot_decode_speedup(records: list[dict], baseline: str, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass
+class BenchResult:
+    """What :func:`bench` measured: a record per (model, batch size), each model's reference, engine, dtype and
+    weight bytes (``models``), the baseline (the first model), and the ``bench.json`` document (``doc``)."""
+
+    records: list[dict]
+    models: dict[str, dict]
+    baseline: str
+    device: str
+    doc: dict
+    out: Path | None = None
+
+
+def bench(models: tuple[str, ...] | list[str] = (), config: BenchConfig | None = None, *, device: str = "auto",
+          dtype: str = "auto", engines: tuple[str, ...] = ("almak",), shape: str | None = None,
+          layers: int | None = None, tensor_parallel_size: int = 1, reports: tuple[str, ...] = (),
+          out: str | Path | None = None, plot: bool = True, overwrite: bool = False,
+          progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> BenchResult:
+    """``almak bench``: load ``models`` (model references; with ``shape``, variants of a random-weight model of that
+    shape: float, int8, int4, 2:4, 2:4-int4) and measure each on each of ``engines`` at every batch size, in turn and
+    repeatedly. ``out`` gets bench.json and, with ``plot``, decode_speedup.png (and quality_vs_bytes.png from eval
+    ``reports``). ``progress("bench", runs)`` may return a callback fed per measurement.
+
+    >>> bench(["smollm2-135m", "smollm-w4"], BenchConfig(batch_sizes=(1, 8), gen_len=32)).records  # doctest: +SKIP
+    """
+    config = config or BenchConfig()
+    engine_list = list(dict.fromkeys(engines))
+    unknown = [e for e in engine_list if e not in ENGINES]
+    if unknown or not engine_list:
+        raise AlmakError(f"--engine takes comma-separated engines from {', '.join(ENGINES)}, got {','.join(engines)!r}")
+    if "vllm" in engine_list and shape:
+        raise AlmakError("--engine vllm runs model folders, not --shape's in-memory models: write the variant with "
+                         "almak quantize / prune and pass its folder")
+    if tensor_parallel_size != 1 and "vllm" not in engine_list:
+        raise AlmakError("--tensor-parallel-size goes with --engine vllm")
+    config = dataclasses.replace(config, engine=engine_list[0])
+    sizes, prompt_len, gen_len, cuda_graphs = config.batch_sizes, config.prompt_len, config.gen_len, config.cuda_graphs
+    out = Path(out) if out else None
+    if out:
+        check_new_output(out, overwrite, inputs=(*models, *reports))
+    quality = {}
+    for path in reports:
+        try:
+            quality[Path(path).resolve().parent.name] = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AlmakError(f"{path} is not an almak eval report.json: {e}") from None
+    if quality and (not plot or not out):
+        raise AlmakError("--report makes a plot: give --out, without --no-plot")
+    if quality:
+        quality_metric(quality)
+    if plot and out and importlib.util.find_spec("matplotlib") is None:
+        raise AlmakError("the plot needs matplotlib: pip install 'almak[bench]', or pass --no-plot")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    vllm_dtype, (dtype, _) = dtype, inference_dtype(dtype, check_device(device).type)
+    if layers and not shape:
+        raise AlmakError("--layers goes with --shape")
+    loaded, info = {}, {}
+    if shape:
+        unknown = [m for m in models if m not in SHAPE_VARIANTS]
+        if unknown:
+            raise AlmakError(f"with --shape, MODELS are variants of it ({', '.join(SHAPE_VARIANTS)}), not "
+                             f"{', '.join(unknown)}")
+        for name in dict.fromkeys(models or ("float", "int8", "int4")):
+            # same seed: same weights; each projection is made the variant as it is drawn
+            model = loaded[name] = random_model(shape, DTYPES[dtype], device, layers, variant=name)
+            info[name] = {"ref": f"random {shape}" + (f" ({layers} layers)" if layers else ""),
+                          "engine": engine_list[0], "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                          "weight_bytes": weight_bytes(model)}
+    run_engine = {name: engine_list[0] for name in loaded}
+    for ref in () if shape else (models or (DEFAULT_MODEL,)):
+        base = Path(ref).name or ref
+        lm = None
+        for engine in engine_list:
+            name = base if len(engine_list) == 1 else f"{base} [{engine}]"
+            while name in loaded:
+                name += "'"
+            if engine == "vllm":
+                from almak.modeling.engines.vllm import VllmEngine
+
+                model = VllmEngine(ref, vllm_dtype, tensor_parallel_size, cuda_graphs)
+                model.start(prompt_len + gen_len + 1, max(sizes))
+                info[name] = {"ref": ref, "engine": engine, "dtype": model.dtype, "weight_bytes": model.weight_bytes()}
+            else:
+                lm = lm or load_model(ref, device=device, dtype=dtype)
+                model = lm.model
+                info[name] = {"ref": lm.ref, "engine": engine,
+                              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                              "weight_bytes": weight_bytes(model)}
+            loaded[name], run_engine[name] = model, engine
+    tick = progress("bench", len(loaded) * len(sizes) * config.repeats) if progress else None
+    records = run_bench(loaded, config, progress=tick, engines=run_engine)
+    baseline = next(iter(loaded))
+    summarize(records, baseline)
+    doc = {"benchmark": "almak bench",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "config": {**dataclasses.asdict(config), "engines": engine_list}, "models": info, "baseline": baseline,
+           "results": records}
+    if quality:
+        doc["quality"] = {name: {k: r.get(k) for k in ("model", "testset", "n", "ppl", "chrf", "bleu", "weight_bytes")}
+                          for name, r in quality.items()}
+    if out:
+        def fill(tmp: Path) -> None:
+            (tmp / "bench.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            if plot:
+                plot_decode_speedup(records, baseline, tmp / "decode_speedup.png")
+            if quality:
+                plot_quality(quality, tmp / "quality_vs_bytes.png")
+
+        write_dir_atomic(out, fill)
+    return BenchResult(records, info, baseline, device, doc, out)

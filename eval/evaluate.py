@@ -2,26 +2,23 @@
 it, build a report."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
-import resource
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-import almak
 from almak.errors import AlmakError
 from almak.eval import metrics as M
-from almak.eval.compare import mean_report
-from almak.files import write_dir_atomic
-from almak.modeling.engines.generate import GenerationConfig, translate
-from almak.modeling.load import weight_bytes
-from almak.modeling.text.data import TestSet
+from almak.eval.compare import check_baseline, compare, mean_report, read_report, report_path
+from almak.files import check_new_output, write_dir_atomic
+from almak.modeling.engines.engine import Engine, EngineConfig, open_engine
+from almak.modeling.engines.generate import GenerationConfig
+from almak.modeling.text.data import TestSet, load_testsets
 from almak.modeling.text.prompts import Prompt
+from almak.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +44,15 @@ class EvalConfig:
 
 def score(sources: list[str], hyps: list[str], refs: list[str], src: str, tgt: str,
           config: ScoreConfig | None = None) -> dict:
-    """Score existing translations. COMET that cannot be had is reported as ``comet_error``."""
+    """``almak score``: score existing translations (one per source line) from ``src`` to ``tgt`` against
+    references, as sacrebleu and comet-score do. COMET that cannot be had is reported as ``comet_error``.
+
+    >>> score(["Das Haus."], ["The house."], ["The house."], "de", "en")["chrf"]   # doctest: +SKIP
+    """
     config = config or ScoreConfig()
+    if "nll" in config.metrics:
+        raise AlmakError("nll needs a model; use almak eval for it")
+    M.check_metrics(list(config.metrics), tgt, config.bleu_tokenize)
     if not (len(sources) == len(hyps) == len(refs)):
         raise AlmakError(
             f"line counts differ: {len(sources)} sources, {len(hyps)} hypotheses, {len(refs)} references"
@@ -70,28 +74,15 @@ def score(sources: list[str], hyps: list[str], refs: list[str], src: str, tgt: s
     return report
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+def evaluate_testset(engine: Engine, testset: TestSet, config: EvalConfig,
+                     progress: Callable[[str, int], Callable[[int], None]] | None = None) -> tuple[dict, list[str]]:
+    """Translate and score ``testset`` with ``engine``; returns the report and the hypotheses.
 
-
-def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
-             progress: Callable[[str, int], Callable[[int], None]] | None = None) -> tuple[dict, list[str]]:
-    """Translate and score ``testset``; returns the report and the hypotheses.
-
-    ``progress(stage, total)`` may return a callback that is fed the count of finished sentences. With
-    ``config.generation.engine == "vllm"``, ``model`` is a :class:`~almak.modeling.engines.vllm.VllmEngine` (and
-    ``tokenizer`` is unused: the engine has its own).
+    ``progress(stage, total)`` may return a callback that is fed the count of finished sentences.
     """
-    vllm = config.generation.engine == "vllm"
-    device = torch.device(model.device) if vllm else next(model.parameters()).device
-    if device.type == "cuda" and not vllm:
-        torch.cuda.reset_peak_memory_stats(device)
     prompt = Prompt(config.prompt, testset.src, testset.tgt)
-    if vllm:  # started once, with room for both the translations and the references
-        refs = testset.references if "nll" in config.metrics else None
-        model.prepare([(testset.sources, refs, prompt)], config.generation)
+    refs = testset.references if "nll" in config.metrics else None
+    engine.prepare([(testset.sources, refs, prompt)], config.generation)  # vLLM: room for both jobs at once
     tick = (lambda stage: progress(stage, len(testset.sources))) if progress else (lambda stage: None)
     report: dict = {
         "testset": testset.name,
@@ -100,12 +91,12 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
         "prompt": config.prompt,
         "num_beams": config.generation.num_beams,
         "max_new_tokens": config.generation.max_new_tokens,
-        "engine": config.generation.engine,
-        "cuda_graphs": config.generation.cuda_graphs and device.type == "cuda",
+        "engine": engine.name,
+        "cuda_graphs": config.generation.cuda_graphs and engine.device.startswith("cuda"),
     }
     hyps: list[str] = []
     if set(config.metrics) - {"nll"}:
-        result = translate(model, tokenizer, testset.sources, prompt, config.generation, tick("translate"))
+        result = engine.translate(testset.sources, prompt, config.generation, tick("translate"))
         hyps = result.hypotheses
         report.update(score(testset.sources, hyps, testset.references, testset.src, testset.tgt,
                             ScoreConfig(tuple(m for m in config.metrics if m != "nll"), config.comet_model,
@@ -114,18 +105,12 @@ def evaluate(model, tokenizer, testset: TestSet, config: EvalConfig,
         report["generated_tokens_per_s"] = result.generated_tokens / result.seconds if result.seconds else None
         report["translate_seconds"] = result.seconds
     if "nll" in config.metrics:
-        if vllm:
-            nll = model.reference_nll(testset.sources, testset.references, prompt,
-                                      batch_size=config.generation.batch_size, progress=tick("nll"))
-        else:
-            nll = M.reference_nll(model, tokenizer, testset.sources, testset.references, prompt,
-                                  batch_size=config.generation.batch_size, progress=tick("nll"))
+        nll = engine.reference_nll(testset.sources, testset.references, prompt,
+                                   batch_size=config.generation.batch_size, progress=tick("nll"))
         report.update(nll=nll.mean, ppl=nll.ppl, nll_tokens=nll.tokens)
-    report["peak_memory_bytes"], report["peak_memory_kind"] = model.peak_memory() if vllm else _peak_memory(device)
-    report["weight_bytes"] = model.weight_bytes() if vllm else weight_bytes(model)
-    dtype = model.dtype if vllm else str(next(model.parameters()).dtype).replace("torch.", "")
-    report.update(device=str(device), dtype=dtype,
-                  almak_version=almak.__version__,
+    report["peak_memory_bytes"], report["peak_memory_kind"] = engine.peak_memory()
+    report["weight_bytes"] = engine.weight_bytes()
+    report.update(device=engine.device, dtype=engine.dtype, almak_version=__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     return report, hyps
 
@@ -135,64 +120,33 @@ RUN_FIELDS = ("prompt", "num_beams", "max_new_tokens", "engine", "cuda_graphs", 
               "almak_version")
 
 
-def evaluate_testsets(model, tokenizer, testsets: list[TestSet], config: EvalConfig,
+def evaluate_testsets(engine: Engine, testsets: list[TestSet], config: EvalConfig,
                       progress: Callable[[str, int], Callable[[int], None]] | None = None
                       ) -> tuple[dict, dict[str, list[str]]]:
-    """:func:`evaluate` on each of ``testsets`` (one direction each) with the one loaded model; returns the report
-    ``{"directions": {pair: evaluate's report}, "mean": mean_report(...), ...}`` (the fields every direction
+    """:func:`evaluate_testset` on each of ``testsets`` (one direction each) with the one engine; returns the report
+    ``{"directions": {pair: evaluate_testset's report}, "mean": mean_report(...), ...}`` (the fields every direction
     shares, and the largest peak memory, at the top) and the hypotheses of each direction. Progress stages are
     named for their direction (``de-en translate``).
 
-    >>> report, hyps = evaluate_testsets(lm.model, lm.tokenizer, load_testsets("wmt22:all"),  # doctest: +SKIP
-    ...                                  EvalConfig(metrics=("nll",)))
-    >>> report["mean"]["ppl"], report["directions"]["de-en"]["ppl"]                             # doctest: +SKIP
+    >>> report, hyps = evaluate_testsets(engine, load_testsets("wmt22:all"), EvalConfig(metrics=("nll",)))  # doctest: +SKIP
+    >>> report["mean"]["ppl"], report["directions"]["de-en"]["ppl"]                                        # doctest: +SKIP
     """
-    if config.generation.engine == "vllm":  # started once, with room for every direction
-        refs = (lambda ts: ts.references) if "nll" in config.metrics else (lambda ts: None)
-        model.prepare([(ts.sources, refs(ts), Prompt(config.prompt, ts.src, ts.tgt)) for ts in testsets],
-                      config.generation)
+    refs = (lambda ts: ts.references) if "nll" in config.metrics else (lambda ts: None)
+    engine.prepare([(ts.sources, refs(ts), Prompt(config.prompt, ts.src, ts.tgt)) for ts in testsets],
+                   config.generation)  # vLLM: started once, with room for every direction
     directions, hyps = {}, {}
     for ts in testsets:
         step = None
         if progress:
             def step(stage, total, pair=ts.lang_pair):
                 return progress(f"{pair} {stage}", total)
-        directions[ts.lang_pair], hyps[ts.lang_pair] = evaluate(model, tokenizer, ts, config, step)
+        directions[ts.lang_pair], hyps[ts.lang_pair] = evaluate_testset(engine, ts, config, step)
     reports = list(directions.values())
     peak = max(reports, key=lambda r: r["peak_memory_bytes"])
     report = {key: reports[0][key] for key in RUN_FIELDS}
     report.update(peak_memory_bytes=peak["peak_memory_bytes"], peak_memory_kind=peak["peak_memory_kind"],
                   date=reports[-1]["date"], directions=directions, mean=mean_report(directions))
     return report, hyps
-
-
-def check_new_output(path: Path, overwrite: bool, inputs: tuple = ()) -> None:
-    """Refuse, before any work is done, an output that cannot or must not be written: one that exists (unless
-    ``overwrite``), in a folder that does not exist or cannot be written, or one whose replacing would delete one of
-    ``inputs`` (the same path, or a folder holding it)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise AlmakError(f"{str(path)!r} exists; pass --overwrite to replace it")
-    check_writable_place(path, inputs)
-
-
-def check_writable_place(path: Path, inputs: tuple = ()) -> None:
-    """The parts of :func:`check_new_output` that hold with or without ``--overwrite`` (and for a resumed run)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise AlmakError(f"the folder of {str(path)!r} does not exist")
-    target = path.resolve()
-    for item in inputs:
-        if not item or not Path(item).expanduser().exists():
-            continue  # an alias or a hub id: nothing local to protect
-        source = Path(item).expanduser().resolve()
-        if source == target or target in source.parents:
-            raise AlmakError(f"{str(path)!r} is {'' if source == target else 'a folder holding '}the input "
-                             f"{str(item)!r}; writing there would replace it: choose another output path")
-    try:  # the writes happen at the end: find out now whether they can
-        tempfile.TemporaryFile(dir=path.parent).close()
-    except OSError as e:
-        raise AlmakError(f"cannot write in {str(path.parent)!r} ({e.strerror or e})") from None
 
 
 def write_eval_dir(out: Path, report: dict, hyps: list[str] | dict[str, list[str]], overwrite: bool) -> None:
@@ -208,3 +162,78 @@ def write_eval_dir(out: Path, report: dict, hyps: list[str] | dict[str, list[str
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     write_dir_atomic(out, fill)
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns: the report (as ``--format json`` prints it), the hypotheses (a list, or one per
+    direction), the test sets, and where the baseline report and the output folder are, where there are."""
+
+    report: dict
+    hypotheses: list[str] | dict[str, list[str]]
+    testsets: list[TestSet]
+    baseline_file: Path | None = None
+    out: Path | None = None
+
+
+def evaluate(model: str | None = None, testset: str = "wmt22:de-en", config: EvalConfig | None = None,
+             engine: EngineConfig | None = None, *, lang_pair: str | None = None, flores_dir: str | None = None,
+             limit: int | None = None, baseline: str | None = None, out: str | Path | None = None,
+             overwrite: bool = False, progress: Callable[[str, int], Callable[[int], None]] | None = None
+             ) -> EvalResult:
+    """``almak eval``: translate ``testset`` (any spec ``--testset`` takes, a comma-separated list for several
+    directions) with ``model`` and score it; against ``baseline`` (an earlier ``out`` folder or report, or a model
+    evaluated after ``model`` with the same settings) when given; ``out`` gets the report and the hypotheses.
+
+    Everything that can be refused is refused before a model loads. ``config.prompt`` is replaced by the engine's
+    prompt family (``engine.prompt``, or guessed from the model).
+
+    >>> r = evaluate("smollm2-135m-mt", "wmt22:de-en", EvalConfig(metrics=("nll",)), limit=20)   # doctest: +SKIP
+    >>> r.report["ppl"]
+    """
+    config = config or EvalConfig()
+    engine = engine or EngineConfig(name=config.generation.engine)
+    if engine.name != config.generation.engine:
+        config = dataclasses.replace(config, generation=dataclasses.replace(config.generation, engine=engine.name))
+    testsets = [ts.head(limit) for ts in load_testsets(testset, lang_pair, flores_dir)]
+    for ts in testsets:  # a missing tokenizer fails now, not after translating
+        M.check_metrics(list(config.metrics), ts.tgt, config.bleu_tokenize)
+    base_file = report_path(baseline) if baseline else None
+    base_report = None
+    if base_file:  # a report that does not match fails now, not after evaluating
+        base_report = read_report(base_file)
+        check_baseline(base_report, {ts.lang_pair: len(ts.sources) for ts in testsets}, list(config.metrics),
+                       repr(baseline))
+    elif baseline and engine.name == "vllm":
+        raise AlmakError("--baseline with a model runs two models in one process, which --engine vllm does not: "
+                         "evaluate the baseline on its own with --out DIR and pass --baseline DIR")
+    out = Path(out) if out else None
+    if out:
+        check_new_output(out, overwrite, inputs=(model, *testset.split(","), flores_dir, baseline))
+
+    def run(ref, engine_config, label=""):
+        """Open ``ref`` and evaluate it on every test set; the model is freed on return."""
+        nonlocal config
+        opened = open_engine(ref, engine_config)
+        config = dataclasses.replace(config, prompt=opened.prompt)
+        labelled = (lambda stage, total: progress(label + stage, total)) if progress else None
+        if len(testsets) > 1:
+            report, hyps = evaluate_testsets(opened.engine, testsets, config, labelled)
+        else:
+            report, hyps = evaluate_testset(opened.engine, testsets[0], config, labelled)
+        run_fields = {"model": opened.engine.ref, "dtype_choice": opened.dtype_choice}
+        if engine_config.name == "vllm":
+            run_fields["tensor_parallel_size"] = engine_config.tensor_parallel_size
+        if engine_config.quant:
+            run_fields["quant"] = {**dataclasses.asdict(engine_config.quant), "method": "rtn-on-load"}
+        # a single direction's report keeps its fields first, as before there were several
+        return ({**run_fields, **report} if len(testsets) > 1 else {**report, **run_fields}), hyps
+
+    report, hyps = run(model, engine)
+    if baseline and base_report is None:
+        base_report, _ = run(baseline, dataclasses.replace(engine, quant=None, prompt=config.prompt), "baseline ")
+    if base_report is not None:
+        report = compare(report, base_report)
+    if out:
+        write_eval_dir(out, report, hyps, overwrite)
+    return EvalResult(report, hyps, testsets, base_file, out)

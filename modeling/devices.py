@@ -88,3 +88,40 @@ def check_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AlmakError(f"device {device!r} asked for, but torch sees no CUDA GPU")
     return dev
+
+
+def peak_memory(device: str | torch.device) -> tuple[int, str]:
+    """(bytes, what was measured) of this process's peak so far: CUDA's max allocated on a GPU (since its last
+    ``torch.cuda.reset_peak_memory_stats``), the max RSS on the CPU."""
+    import resource
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def describe_memory(peak: tuple[int, str]) -> str:
+    """``1344 MiB (cpu max rss)``, as the commands print :func:`peak_memory`."""
+    size, kind = peak
+    return f"{size / 2**20:.0f} MiB ({'cuda' if kind.startswith('cuda') else 'cpu max rss'})"
+
+
+def calibration_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """Where calibration runs and the model's dtype, ``auto`` resolved: cuda if torch sees one; float32 on the CPU,
+    float16 on a GPU (quantization scales are stored in this dtype)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if torch.device(device).type == "cpu" else "float16"
+    return device, dtype
+
+
+def training_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """Where training runs and in which dtype, ``auto`` resolved: cuda if torch sees one; bfloat16 on a GPU that has
+    it, float32 otherwise."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype

@@ -28,6 +28,7 @@ import torch
 
 from almak.errors import AlmakError
 from almak.files import write_dir_atomic
+from almak.modeling.architecture import check_model_type
 from almak.modeling.checkpoint import (
     check_model_folder,
     declared_24,
@@ -38,7 +39,6 @@ from almak.modeling.checkpoint import (
     swap_declared_24,
 )
 from almak.modeling.devices import DTYPES, check_device, resolve_dtype  # noqa: F401 (also read from here)
-from almak.modeling.engines.decoder import check_model_type
 from almak.modeling.nn.surgery import QuantConfig, quantize_
 
 log = logging.getLogger(__name__)

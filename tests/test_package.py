@@ -1,6 +1,7 @@
 """The package as a whole: its layers (import-linter contracts), and almak where Triton is not installed."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,3 +75,121 @@ def test_transformers_imports_from_the_repository_root_without_triton(no_triton)
     proc = run(["-c", code], env=no_triton, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not proc.stdout.strip().startswith(str(ROOT / "kernels")), proc.stdout
+
+
+# ------------------------------------------------------------------------------- the package-level import graph
+
+PACKAGE_DIRS = ("kernels", "quant", "sparse", "modeling", "eval", "cli")
+
+
+def package_modules() -> dict[str, Path]:
+    """Every module of the almak package: dotted name -> file (``almak.x`` for ``x/__init__.py``)."""
+    mods = {"almak": ROOT / "__init__.py"}
+    mods.update({f"almak.{p.stem}": p for p in ROOT.glob("*.py") if p.name not in ("__init__.py", "setup.py")})
+    for top in PACKAGE_DIRS:
+        for path in (ROOT / top).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(("almak", *parts))
+            mods[name.removesuffix(".__init__")] = path
+    return mods
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The almak modules ``name`` imports anywhere in its file (function-level imports too)."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, base] if base else up)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # `import almak.modeling.load` names the module; trim to a known one
+                t = t.rpartition(".")[0]
+            if t:
+                found.add(t)
+    return found
+
+
+def graph_levels() -> dict[str, dict[str, set[str]]]:
+    """For every package, the import graph among its direct children (sub-packages and modules, each with all it
+    contains), the package's own __init__ left out: {package: {child: {children it imports}}}."""
+    mods = package_modules()
+    known = set(mods)
+    edges = {(a, b) for a, path in mods.items() for b in imports_of(a, path, known) if a != b}
+    packages = {m for m, p in mods.items() if p.name == "__init__.py"}
+    levels = {}
+    for pkg in packages:
+        def child(m, pkg=pkg):
+            rest = m[len(pkg) + 1:]
+            return f"{pkg}.{rest.split('.')[0]}" if m.startswith(pkg + ".") else None
+        children = {child(m) for m in mods if child(m)}
+        graph = {c: set() for c in children}
+        for a, b in edges:
+            ca, cb = child(a), child(b)
+            if ca and cb and ca != cb:
+                graph[ca].add(cb)
+        levels[pkg] = graph
+    return levels
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_package_level_import_graph_has_no_cycle():
+    levels = graph_levels()
+    assert "almak.modeling" in levels and "almak.modeling.engines" in levels["almak.modeling"]
+    for pkg, graph in sorted(levels.items()):
+        cycle = find_cycle(graph)
+        assert cycle is None, f"import cycle among the parts of {pkg}: {' -> '.join(cycle)}"
+
+
+def test_the_cycle_finder_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_top_level_order_is_the_readme_picture():
+    """The top-level packages import only downwards in the order the README's Layout picture draws them."""
+    order = ["almak.cli", "almak.eval", "almak.modeling", "almak.sparse", "almak.quant", "almak.kernels",
+             "almak.files", "almak.errors", "almak.version"]
+    graph = graph_levels()["almak"]
+    rank = {name: i for i, name in enumerate(order)}
+    assert set(graph) == set(order), sorted(set(graph) ^ set(order))
+    upward = [(a, b) for a, targets in graph.items() for b in targets if rank[b] <= rank[a]]
+    assert not upward, f"imports against the layering: {upward}"
+
+
+def test_readme_layout_names_every_package():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    folders = {str(p.parent.relative_to(ROOT)) for top in PACKAGE_DIRS for p in (ROOT / top).rglob("__init__.py")}
+    for folder in sorted(folders):
+        leaf = folder.rsplit("/", 1)[-1]
+        assert re.search(rf"(^|\s){re.escape(leaf)}/", layout, flags=re.M), f"README's Layout does not show {folder}/"

@@ -74,7 +74,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import almak
 from almak.errors import AlmakError
 from almak.files import write_dir_atomic
 from almak.modeling.checkpoint import gptq, pack_quantized, sparse24_bitmask
@@ -102,6 +101,7 @@ from almak.modeling.devices import check_device, release_freed_memory, resolve_d
 from almak.modeling.nn.quant_linear import QuantLinear
 from almak.modeling.nn.sparse_linear import Sparse24Linear
 from almak.modeling.nn.surgery import QuantConfig, check_finite, kept_reason, set_module, sparsify_, target_linears
+from almak.version import __version__
 
 __all__ = [
     "save_quantized", "save_pruned", "load_quantized", "read_recipe", "is_compressed_checkpoint",
@@ -267,7 +267,7 @@ def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwr
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
         raise AlmakError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
-    recipe = {**recipe, "almak_version": recipe.get("almak_version", almak.__version__)}
+    recipe = {**recipe, "almak_version": recipe.get("almak_version", __version__)}
     texts = {}
     try:
         for fname, obj in {RECIPE_FILE: recipe, **(extra_json or {})}.items():

@@ -32,24 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from almak.errors import AlmakError
-
-SUPPORTED = ("llama", "mistral")
-
-
-HINT = "use --engine hf (transformers' generate) for it"
-
-
-def context_limit(model) -> int | None:
-    """The positions the model was trained for (``max_position_embeddings``), where its config says."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
-def check_model_type(kind: str | None, supported: tuple[str, ...] = SUPPORTED) -> None:
-    """Refuse a ``model_type`` this forward pass does not reproduce (before any weight is read, where the caller
-    has the config), naming the way out."""
-    if kind not in supported:
-        raise AlmakError(f"almak's generation loop runs LLaMA-family models ({', '.join(supported)}), "
-                         f"not {kind!r}; {HINT}")
+from almak.modeling.architecture import HINT, check_model_type, context_limit
 
 
 def check_supported(model) -> None:

@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 from almak.errors import AlmakError
-from almak.modeling.engines.decoder import Decoder, check_supported, context_limit
+from almak.modeling.architecture import context_limit
+from almak.modeling.engines.decoder import Decoder, check_supported
 from almak.modeling.text.prompts import Prompt
 
 ENGINES = ("almak", "hf", "vllm")

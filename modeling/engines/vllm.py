@@ -39,8 +39,8 @@ from typing import Callable
 import torch
 
 from almak.errors import AlmakError
-from almak.eval.metrics import NLL
 from almak.modeling.engines.generate import GenerationConfig, LineStop, TranslationResult, stop_ids
+from almak.modeling.engines.scoring import NLL
 from almak.modeling.load import (
     ADAPTERS,
     ALIASES,
@@ -161,7 +161,10 @@ class VllmEngine:
 
     ``dtype`` auto is bfloat16 (vLLM's CPU int4 kernel needs it; on GPUs it is what ALMA runs in);
     ``cuda_graphs=False`` sets ``enforce_eager`` on GPUs (always on the CPU, where compiling costs minutes).
+    An :class:`almak.modeling.engines.engine.Engine`.
     """
+
+    name = "vllm"
 
     def __init__(self, ref: str, dtype: str = "auto", tensor_parallel_size: int = 1, cuda_graphs: bool = True,
                  seed: int = 0):

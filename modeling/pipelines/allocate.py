@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.pipelines.calibrate import SHARED_INPUTS, decoder_layers
+from almak.modeling.architecture import PROJECTIONS, SHARED_INPUTS, decoder_layers
 from almak.quant.pack import dequantize_groupwise, quantize_rtn_groupwise
 
 __all__ = ["Format", "Allocation", "candidate_formats", "projection_groups", "fisher_diagonal", "sensitivities",
@@ -42,7 +42,6 @@ __all__ = ["Format", "Allocation", "candidate_formats", "projection_groups", "fi
 
 log = logging.getLogger(__name__)
 
-PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True, order=True)
@@ -72,7 +71,7 @@ def projection_groups(model: nn.Module) -> list[list[str]]:
     """The decoder projections by shared input: per layer [q, k, v], [o], [gate, up], [down] (full names)."""
     groups = []
     for i, layer in enumerate(decoder_layers(model)):
-        names = [n for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in PROJECTION_NAMES]
+        names = [n for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in PROJECTIONS]
         taken: set[str] = set()
         for name in names:
             if name in taken:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
+from almak.modeling.architecture import decoder_layers
 from almak.modeling.text.data import DATA_DIR, read_json_records, read_lines
 from almak.modeling.text.languages import parse_lang_pair
 from almak.modeling.text.prompts import Prompt
@@ -105,20 +106,8 @@ def _text_windows(tokenizer, text: str, nsamples: int, seqlen: int, rng: random.
 # Projections of a LLaMA decoder layer that read the same tensor: GPTQ accumulates one Hessian for them and
 # solves their stacked rows in one sweep (the result each layer gets is the same as solving it alone); mixed
 # precision gives them one format (vLLM fuses them into one layer).
-SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 class Observer(Protocol):
     def add_batch(self, x: torch.Tensor) -> None: ...
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a LLaMA / Mistral / Qwen2-style causal LM."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise AlmakError(f"{type(model).__name__} has no model.layers: not a LLaMA-style decoder")
-    return layers
 
 
 class _Captured(Exception):

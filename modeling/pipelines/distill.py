@@ -20,6 +20,7 @@ Everything else (embeddings, norms, ``lm_head``) stays frozen.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -31,13 +32,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from almak.errors import AlmakError
-from almak.eval.metrics import target_logits
 from almak.files import write_dir_atomic
-from almak.modeling.checkpoint import SPARSITY_REPORT_FILE, read_recipe, save_pruned, save_quantized
+from almak.modeling.checkpoint import (
+    SPARSITY_REPORT_FILE,
+    is_compressed_checkpoint,
+    is_gptq_checkpoint,
+    read_recipe,
+    save_pruned,
+    save_quantized,
+)
+from almak.modeling.devices import peak_memory, training_device
+from almak.modeling.engines.scoring import target_logits
+from almak.modeling.load import DEFAULT_MODEL, load_model
 from almak.modeling.nn.quant_linear import QuantLinear
 from almak.modeling.nn.sparse_linear import Sparse24Linear, Sparse24QuantLinear
 from almak.modeling.nn.surgery import set_module, sparsify_, target_linears
-from almak.modeling.pipelines.finetune import FinetuneConfig, _base_ref, schedule, train
+from almak.modeling.pipelines.finetune import FinetuneConfig, _base_ref, check_output, load_pairs, schedule, train
+from almak.modeling.text.prompts import guess_family
 from almak.quant.pack import dequantize_groupwise
 
 # Full-weight rate for pruned students (ALMA's full fine-tune rate is 2e-5; a recovery run is short and starts
@@ -201,16 +212,51 @@ def kd_loss(teacher: nn.Module, alpha: float, temperature: float) -> Callable[..
 class DistillResult:
     model: nn.Module  # the student, its structure restored, trained
     summary: dict
+    out: Path | None = None
+    student: str | None = None
+    teacher: str | None = None  # resolved
+    prompt: str | None = None
+    peak_memory: tuple[int, str] | None = None
 
 
-def distill(student: nn.Module, teacher: nn.Module, tokenizer, prompt_family: str, config: DistillConfig,
+def distill(student: str, teacher: str | None, config: DistillConfig, out: str | Path, *, device: str = "auto",
+            dtype: str = "auto", prompt: str | None = None, resume: bool = False, overwrite: bool = False,
+            progress: Callable[[dict], None] | None = None) -> DistillResult:
+    """``almak distill``: recover ``student`` (an almak prune or quantize checkpoint folder) by distilling
+    ``teacher`` (any model reference; the embedded model when None) on ``config.data``; the result, written to
+    ``out``, is a checkpoint of the student's kind. Devices, prompt, resume and progress as :func:`finetune`.
+
+    >>> distill("runs/smollm-24", "smollm2-135m", DistillConfig(data="alma:de-en", steps=90), "runs/smollm-24-kd")
+    ... # doctest: +SKIP
+    """
+    out = Path(out)
+    check_output(out, resume, overwrite, inputs=(student, teacher, config.data, config.valid))
+    if not Path(student).is_dir() or not ((Path(student) / SPARSITY_REPORT_FILE).is_file()
+                                          or is_compressed_checkpoint(student) or is_gptq_checkpoint(student)):
+        raise AlmakError(f"{student!r} is not an almak prune or almak quantize checkpoint folder")
+    if Path(student).resolve() == out.resolve():
+        raise AlmakError("--out must not be the student's own folder")
+    load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading models
+    device, dtype = training_device(device, dtype)
+    t = load_model(teacher or DEFAULT_MODEL, device=device, dtype=dtype)
+    s = load_model(student, device=device, dtype=dtype)
+    family = prompt or guess_family(t.ref, t.tokenizer)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = distill_model(s.model, t.model, s.tokenizer, family, config, out, student_ref=student,
+                           teacher_ref=t.ref, resume=resume, progress=progress, overwrite=overwrite)
+    return dataclasses.replace(result, out=out, student=student, teacher=t.ref, prompt=family,
+                               peak_memory=peak_memory(device))
+
+
+def distill_model(student: nn.Module, teacher: nn.Module, tokenizer, prompt_family: str, config: DistillConfig,
             out_dir: str | Path, student_ref: str, teacher_ref: str, resume: bool = False,
             progress: Callable[[dict], None] | None = None, overwrite: bool = False) -> DistillResult:
     """Distill ``teacher`` into ``student`` (an almak quantize / prune checkpoint, loaded) on ``config.data`` and
     write the student to ``out_dir`` as a checkpoint of its own kind, its recipe extended by a ``distill`` entry.
 
     >>> s, t = load_model("runs/smollm-24"), load_model("smollm2-135m")                       # doctest: +SKIP
-    >>> distill(s.model, t.model, t.tokenizer, "alma", DistillConfig(data="alma:de-en", steps=100),
+    >>> distill_model(s.model, t.model, t.tokenizer, "alma", DistillConfig(data="alma:de-en", steps=100),
     ...         "runs/smollm-24-kd", "runs/smollm-24", "smollm2-135m")                       # doctest: +SKIP
     """
 

@@ -33,20 +33,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import almak
 from almak.errors import AlmakError
-from almak.eval.evaluate import check_writable_place
-from almak.eval.metrics import NLL, reference_nll, target_logits, teacher_forcing_batch
-from almak.files import ordinary_modes, temp_dir_beside, write_dir_atomic
+from almak.files import check_writable_place, ordinary_modes, temp_dir_beside, write_dir_atomic
+from almak.modeling.architecture import PROJECTIONS
+from almak.modeling.devices import peak_memory, training_device
+from almak.modeling.engines.scoring import NLL, reference_nll, target_logits, teacher_forcing_batch
+from almak.modeling.load import DEFAULT_MODEL, load_model
 from almak.modeling.text.data import ALMA_DIRECTIONS, TestSet, alma_parallel, load_testset, read_json_records
 from almak.modeling.text.languages import parse_lang_pair
-from almak.modeling.text.prompts import Prompt
+from almak.modeling.text.prompts import Prompt, guess_family
+from almak.version import __version__
 
 log = logging.getLogger(__name__)
 # peft asks transformers 5 through a deprecated name on every forward in training; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Learning rates when none is given. LoRA: 2e-4, the usual rate for rank-16 adapters on 7B-13B LLaMAs (QLoRA's
 # for 7B/13B; ALMA's own LoRA runs used 2e-3 on q/v only, too high once every projection adapts). Full weights:
 # 2e-5, ALMA's rate for its full-weight fine-tune on the same human-written data.
@@ -428,9 +429,38 @@ def validate(model: nn.Module, tokenizer, family: str, sets: list[TestSet], batc
 class FinetuneResult:
     model: nn.Module  # the trained model: a peft model around the (changed in place) base for LoRA
     summary: dict  # steps, train losses, validation perplexities, parameters, seconds
+    out: Path | None = None
+    base: str | None = None  # the model fine-tuned, resolved
+    prompt: str | None = None  # the prompt family trained on
+    peak_memory: tuple[int, str] | None = None
 
 
-def finetune(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfig, out_dir: str | Path,
+def finetune(model: str | None, config: FinetuneConfig, out: str | Path, *, device: str = "auto",
+             dtype: str = "auto", prompt: str | None = None, resume: bool = False, overwrite: bool = False,
+             progress: Callable[[dict], None] | None = None) -> FinetuneResult:
+    """``almak finetune``: fine-tune ``model`` (any model reference; the embedded model when None) on
+    ``config.data`` with LoRA (or every weight, ``config.full``) and write the adapter (or model) to ``out``.
+
+    ``device``/``dtype`` auto: cuda if present, bfloat16 where that GPU has it, float32 otherwise; ``prompt`` is the
+    prompt family (guessed from the model when None); ``resume`` continues the checkpoint in ``out``. ``progress``
+    gets the events of :func:`finetune_model`. Bad output folders and data are refused before the model loads.
+
+    >>> finetune("smollm2-135m", FinetuneConfig(data="alma:de-en", steps=50), "smollm-ft")   # doctest: +SKIP
+    """
+    out = Path(out)
+    check_output(out, resume, overwrite, inputs=(model, config.data, config.valid))
+    load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading the model
+    device, dtype = training_device(device, dtype)
+    lm = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
+    family = prompt or guess_family(lm.ref, lm.tokenizer)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = finetune_model(lm.model, lm.tokenizer, family, config, out, resume=resume, progress=progress,
+                            overwrite=overwrite, base_ref=lm.ref)
+    return dataclasses.replace(result, out=out, base=lm.ref, prompt=family, peak_memory=peak_memory(device))
+
+
+def finetune_model(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfig, out_dir: str | Path,
              resume: bool = False, progress: Callable[[dict], None] | None = None, overwrite: bool = False,
              base_ref: str | None = None) -> FinetuneResult:
     """Fine-tune ``model`` on ``config.data`` and write the result to ``out_dir``.
@@ -440,7 +470,7 @@ def finetune(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneCo
     ``base_ref`` is how the adapter names its base model (default: the model's ``name_or_path``).
 
     >>> lm = load_model("smollm2-135m")                                                    # doctest: +SKIP
-    >>> finetune(lm.model, lm.tokenizer, "alma", FinetuneConfig(data="alma:de-en", steps=50),
+    >>> finetune_model(lm.model, lm.tokenizer, "alma", FinetuneConfig(data="alma:de-en", steps=50),
     ...          "smollm-ft", base_ref="smollm2-135m").summary["val_ppl_after"]          # doctest: +SKIP
     """
     base_ref = _base_ref(model, base_ref)
@@ -574,7 +604,7 @@ def train(model: nn.Module, tokenizer, prompt_family: str, config: FinetuneConfi
         "prompt": prompt_family, "config": config.to_json(),
         "data": {"train": {ts.lang_pair: len(ts.sources) for ts in train_sets},
                  "valid": {ts.lang_pair: len(ts.sources) for ts in valid_sets}},
-        **summary, "almak_version": almak.__version__,
+        **summary, "almak_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return TrainRun(model, summary, fields)

@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.modeling.nn.surgery import PROJECTIONS
-from almak.modeling.pipelines.calibrate import calibration_samples, decoder_layers, run_layerwise
+from almak.files import check_new_output
+from almak.modeling.architecture import PROJECTIONS, decoder_layers
+from almak.modeling.checkpoint import SPARSE_FORMATS, save_pruned, vllm_summary
+from almak.modeling.devices import calibration_device, peak_memory
+from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
+from almak.modeling.nn.surgery import sparsify_
+from almak.modeling.pipelines.calibrate import calibration_samples, run_layerwise
+from almak.modeling.text.prompts import guess_family
 from almak.sparse import SparseGPT, Sparsity, Wanda, apply_mask_, magnitude_mask, sparsity_of
 
 log = logging.getLogger(__name__)
@@ -164,3 +173,56 @@ def prune_model(model: nn.Module, tokenizer, recipe: PruneRecipe, device=None, p
              pattern, len(skipped))
     return {"layers": report_layers, "pruned": sorted(chosen, key=list(report_layers).index), "skipped": skipped,
             "sparsity": zeros / total, "pruned_sparsity": pruned_zeros / pruned_total, "pattern": str(pattern)}
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did: the checkpoint folder and the numbers ``almak prune`` prints."""
+
+    out: Path
+    model: str  # the source, resolved
+    recipe: PruneRecipe
+    report: dict  # prune_model's report (per-layer sparsity, pruned, skipped, totals); sparsity_report.json
+    stored_24: list[str]  # the projections stored as 2:4 layers
+    bytes_before: int
+    bytes_after: int  # in memory (2:4 layers hold their kept half)
+    seconds: float  # pruning, loading and writing not counted
+    peak_memory: tuple[int, str]
+    vllm: str | None  # for 2:4 checkpoints: whether vLLM runs them, and how
+
+
+def prune(model: str | None, recipe: PruneRecipe, out: str | Path, *, device: str = "auto", dtype: str = "auto",
+          prompt: str | None = None, sparse_format: str = "dense", overwrite: bool = False,
+          progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> PruneResult:
+    """``almak prune``: load ``model``, prune its decoder-layer projections by ``recipe`` and write the checkpoint
+    ``out`` with ``sparsity_report.json`` and the recipe. 2:4 layers are stored as ``sparse_format`` says.
+
+    Calibration (Wanda, SparseGPT) runs on ``device`` in ``dtype``, on ``prompt``-family samples (guessed from the
+    model when None); ``progress(recipe.method, layers)`` may return a callback fed per decoder layer.
+
+    >>> prune("smollm2-135m", PruneRecipe(method="wanda", sparsity=0.5), "smollm-wanda50")   # doctest: +SKIP
+    """
+    out = Path(out)
+    check_new_output(out, overwrite, inputs=(model, recipe.calib))
+    if sparse_format not in SPARSE_FORMATS:
+        raise AlmakError(f"unknown sparse format {sparse_format!r}; choose from {', '.join(SPARSE_FORMATS)}")
+    device, dtype = calibration_device(device, dtype)
+    lm = load_model(model or DEFAULT_MODEL, device="cpu", dtype=dtype)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if any(not isinstance(m, nn.Linear) for n, m in lm.model.named_modules()
+           if n.rsplit(".", 1)[-1] in ("q_proj", "down_proj")):
+        raise AlmakError(f"{lm.ref} is already compressed; prune a float model (then almak quantize the result)")
+    family = prompt or guess_family(lm.ref, lm.tokenizer)
+    before = weight_bytes(lm.model)
+    tick = progress(recipe.method, len(decoder_layers(lm.model))) if progress else None
+    start = time.perf_counter()
+    report = prune_model(lm.model, lm.tokenizer, recipe, device=device, prompt_family=family, progress=tick)
+    seconds = time.perf_counter() - start
+    target = recipe.target()
+    stored_24 = sparsify_(lm.model, names=report["pruned"]) if (target.n, target.m) == (2, 4) else []
+    fields = {"command": "prune", **recipe.to_json(), "model": lm.ref,
+              "prompt": None if recipe.method == "magnitude" else family}
+    save_pruned(lm.model, lm.tokenizer, out, fields, report, overwrite=overwrite, sparse_format=sparse_format)
+    return PruneResult(out, lm.ref, recipe, report, stored_24, before, weight_bytes(lm.model), seconds,
+                       peak_memory(device), vllm_summary(lm.model, sparse_format) if stored_24 else None)

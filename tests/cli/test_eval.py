@@ -52,7 +52,7 @@ def test_reference_nll_matches_an_unbatched_computation(smollm):
     """Batched right-padded scoring equals scoring each sentence alone."""
     import torch
 
-    from almak.eval.metrics import reference_nll
+    from almak.modeling.engines.scoring import reference_nll
     from almak.modeling.text.data import load_testset
     from almak.modeling.text.prompts import Prompt
 

@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
+from almak.modeling.architecture import PROJECTIONS
 from almak.modeling.nn.quant_linear import QuantLinear
-from almak.modeling.nn.surgery import PROJECTIONS, QuantConfig, quantize_
+from almak.modeling.nn.surgery import QuantConfig, quantize_
 
 
 @pytest.fixture(scope="module")

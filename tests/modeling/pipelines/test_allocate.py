@@ -128,7 +128,7 @@ def test_sensitive_projection_gets_int8_within_budget(monkeypatch):
 
 
 def test_recipe_checks_target_bits():
-    from almak.modeling.nn.surgery import QuantizeRecipe
+    from almak.modeling.pipelines.quantize import QuantizeRecipe
 
     assert QuantizeRecipe(target_bits=4.5).bits == 4
     with pytest.raises(AlmakError, match="leave bits at 4, got bits=8"):

@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 
 from almak.errors import AlmakError
-from almak.eval.metrics import target_nll, teacher_forcing_batch
 from almak.modeling.checkpoint import save_pruned, save_quantized
+from almak.modeling.engines.scoring import target_nll, teacher_forcing_batch
 from almak.modeling.load import load_model
 from almak.modeling.nn.quant_linear import QuantLinear
 from almak.modeling.nn.sparse_linear import Sparse24Linear
 from almak.modeling.nn.surgery import QuantConfig, quantize_, sparsify_, target_linears
-from almak.modeling.pipelines.distill import DistillConfig, distill, kd_loss, prepare_student
+from almak.modeling.pipelines.distill import DistillConfig, distill_model, kd_loss, prepare_student
 from almak.modeling.text.data import read_json_records
 from almak.modeling.text.prompts import Prompt
 from almak.sparse.masks import apply_mask_, nm_mask
@@ -71,7 +71,7 @@ def test_kd_loss_is_cross_entropy_at_alpha_0_and_zero_against_itself(teacher, pa
 def test_pruned_student_recovers_and_stays_2_to_4(teacher, pairs_file, tmp_path):
     student, names = pruned_student(teacher, tmp_path / "s24")
     before = {n: student.model.get_submodule(n).dense_weight().clone() for n in names}
-    result = distill(student.model, teacher.model, teacher.tokenizer, "alma",
+    result = distill_model(student.model, teacher.model, teacher.tokenizer, "alma",
                      config(pairs_file, lr=None, lr_pruned=3e-3), tmp_path / "kd", str(tmp_path / "s24"), "tiny")
     s = result.summary
     assert s["val_ppl_after"] < s["val_ppl_before"] and s["trains"] == "pruned"
@@ -94,7 +94,7 @@ def test_quantized_student_keeps_codes_and_trains_scales(teacher, pairs_file, tm
     student = quantized_student(teacher, tmp_path / "w4")
     codes = {n: m.codes().clone() for n, m in target_linears(student.model)}
     scales = {n: m.weight_scale.clone() for n, m in target_linears(student.model)}
-    result = distill(student.model, teacher.model, teacher.tokenizer, "alma", config(pairs_file, lr=1e-2),
+    result = distill_model(student.model, teacher.model, teacher.tokenizer, "alma", config(pairs_file, lr=1e-2),
                      tmp_path / "kd", str(tmp_path / "w4"), "tiny")
     assert result.summary["val_ppl_after"] < result.summary["val_ppl_before"]
     assert result.summary["trains"] == "quantized"
@@ -142,7 +142,7 @@ def test_resume_gives_the_uninterrupted_result(teacher, pairs_file, tmp_path):
     never stopped (the optimizer's per-group rates and state come back too)."""
     student = quantized_student(teacher, tmp_path / "w4")
     cfg = dict(steps=4, save_every=2, lr=None, lr_scales=1e-2)
-    whole = distill(copy.deepcopy(student.model), teacher.model, teacher.tokenizer, "alma", config(pairs_file, **cfg),
+    whole = distill_model(copy.deepcopy(student.model), teacher.model, teacher.tokenizer, "alma", config(pairs_file, **cfg),
                     tmp_path / "whole", str(tmp_path / "w4"), "tiny").model
 
     class Stop(Exception):
@@ -152,9 +152,9 @@ def test_resume_gives_the_uninterrupted_result(teacher, pairs_file, tmp_path):
         if event["event"] == "step" and event["step"] == 3:
             raise Stop
     with pytest.raises(Stop):
-        distill(copy.deepcopy(student.model), teacher.model, teacher.tokenizer, "alma", config(pairs_file, **cfg),
+        distill_model(copy.deepcopy(student.model), teacher.model, teacher.tokenizer, "alma", config(pairs_file, **cfg),
                 tmp_path / "cut", str(tmp_path / "w4"), "tiny", progress=stop_after_2)
-    resumed = distill(copy.deepcopy(student.model), teacher.model, teacher.tokenizer, "alma",
+    resumed = distill_model(copy.deepcopy(student.model), teacher.model, teacher.tokenizer, "alma",
                       config(pairs_file, **cfg), tmp_path / "cut", str(tmp_path / "w4"), "tiny", resume=True).model
     for (name, a), (_, b) in zip(target_linears(whole), target_linears(resumed)):
         assert torch.equal(a.weight_scale, b.weight_scale), name

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from almak.errors import AlmakError
-from almak.eval.metrics import target_nll, teacher_forcing_batch
+from almak.modeling.engines.scoring import target_nll, teacher_forcing_batch
 from almak.modeling.load import load_model
 from almak.modeling.pipelines.finetune import (
     GROUP_STEPS,
@@ -13,7 +13,7 @@ from almak.modeling.pipelines.finetune import (
     ExampleOrder,
     FinetuneConfig,
     encode_examples,
-    finetune,
+    finetune_model,
     load_pairs,
     trainable_parameters,
 )
@@ -65,7 +65,7 @@ def test_a_step_loss_is_the_mean_nll_of_its_target_tokens(tiny_llama_dir, pairs_
             ids, _, labels = teacher_forcing_batch([(p, t)], lm.tokenizer.pad_token_id)
             nll, n = target_nll(lm.model(input_ids=ids).logits, labels)
             total, count = total + float(nll), count + n
-    finetune(lm.model, lm.tokenizer, "alma", config, tmp_path / "ft")
+    finetune_model(lm.model, lm.tokenizer, "alma", config, tmp_path / "ft")
     logged = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
     step1 = next(e for e in logged if "loss" in e)
     assert step1["target_tokens"] == count
@@ -78,7 +78,7 @@ def test_a_step_loss_is_the_mean_nll_of_its_target_tokens(tiny_llama_dir, pairs_
 def test_a_few_steps_lower_the_loss(tiny_llama_dir, pairs_file, tmp_path, full, lr, ratio):
     lm = fresh(tiny_llama_dir)
     config = small(pairs_file, full=full, steps=6, lr=lr)
-    result = finetune(lm.model, lm.tokenizer, "alma", config, tmp_path / "ft")
+    result = finetune_model(lm.model, lm.tokenizer, "alma", config, tmp_path / "ft")
     s = result.summary
     assert s["val_ppl_after"] < ratio * s["val_ppl_before"], s
     assert s["train_loss_last"] < s["train_loss_first"]
@@ -105,7 +105,7 @@ def test_adapter_loads_merged_with_the_same_logits(tiny_llama_dir, pairs_file, t
     monkeypatch.setenv("ALMAK_CACHE", str(tmp_path / "cache"))
     lm = fresh(tiny_llama_dir)
     out = tmp_path / "ft"
-    result = finetune(lm.model, lm.tokenizer, "alma", small(pairs_file), out)
+    result = finetune_model(lm.model, lm.tokenizer, "alma", small(pairs_file), out)
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(tiny_llama_dir.resolve()) and adapter["r"] == 16
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
@@ -162,7 +162,7 @@ def test_bf16_autocast_trains_float32_adapters(tiny_llama_dir, pairs_file, tmp_p
     logs = {}
     for bf16 in (False, True):
         lm = fresh(tiny_llama_dir)
-        result = finetune(lm.model, lm.tokenizer, "alma", small(pairs_file, steps=6, bf16=bf16, lora_dropout=0.0),
+        result = finetune_model(lm.model, lm.tokenizer, "alma", small(pairs_file, steps=6, bf16=bf16, lora_dropout=0.0),
                           tmp_path / f"ft-{bf16}")
         assert all(p.dtype == torch.float32 for p in trainable_parameters(result.model).values())
         assert result.summary["val_ppl_after"] < 0.9 * result.summary["val_ppl_before"]
@@ -180,7 +180,7 @@ def test_resume_gives_the_uninterrupted_result(tiny_llama_dir, pairs_file, tmp_p
                    **fast)
     straight = tmp_path / "straight"
     lm = fresh(tiny_llama_dir)
-    finetune(lm.model, lm.tokenizer, "alma", config, straight)
+    finetune_model(lm.model, lm.tokenizer, "alma", config, straight)
 
     class Crash(Exception):
         pass
@@ -192,14 +192,14 @@ def test_resume_gives_the_uninterrupted_result(tiny_llama_dir, pairs_file, tmp_p
     resumed = tmp_path / "resumed"
     lm = fresh(tiny_llama_dir)
     with pytest.raises(Crash):
-        finetune(lm.model, lm.tokenizer, "alma", config, resumed, progress=crash_at_step_4)
+        finetune_model(lm.model, lm.tokenizer, "alma", config, resumed, progress=crash_at_step_4)
     state = json.loads((resumed / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["examples_seen"] == 12
     at_3 = load_file(resumed / "checkpoint" / "weights.safetensors")
 
     events = []
     lm = fresh(tiny_llama_dir)
-    finetune(lm.model, lm.tokenizer, "alma", config, resumed, resume=True, progress=events.append)
+    finetune_model(lm.model, lm.tokenizer, "alma", config, resumed, resume=True, progress=events.append)
     assert events[0] == {"event": "start", "step": 3}
 
     a = load_file(straight / "adapter_model.safetensors")
@@ -221,12 +221,12 @@ def test_resume_refuses_other_settings(tiny_llama_dir, pairs_file, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(lm.model, lm.tokenizer, "alma", small(pairs_file, save_every=2), out, progress=stop)
+        finetune_model(lm.model, lm.tokenizer, "alma", small(pairs_file, save_every=2), out, progress=stop)
     with pytest.raises(AlmakError, match=r"made with lr=0.01 \(now 0.001\)"):
-        finetune(fresh(tiny_llama_dir).model, lm.tokenizer, "alma", small(pairs_file, save_every=2, lr=1e-3), out,
+        finetune_model(fresh(tiny_llama_dir).model, lm.tokenizer, "alma", small(pairs_file, save_every=2, lr=1e-3), out,
                  resume=True)
     with pytest.raises(AlmakError, match="exists; pass --overwrite to replace it, or --resume"):
-        finetune(fresh(tiny_llama_dir).model, lm.tokenizer, "alma", small(pairs_file), out)
+        finetune_model(fresh(tiny_llama_dir).model, lm.tokenizer, "alma", small(pairs_file), out)
 
 
 def test_gradient_accumulation_equals_one_bigger_batch(tiny_llama_dir, pairs_file, tmp_path):
@@ -237,7 +237,7 @@ def test_gradient_accumulation_equals_one_bigger_batch(tiny_llama_dir, pairs_fil
     for i, (bs, ga) in enumerate([(4, 1), (2, 2), (1, 4)]):
         lm = fresh(tiny_llama_dir)
         config = small(pairs_file, full=True, steps=1, batch_size=bs, grad_accum=ga, valid_sentences=0)
-        finetune(lm.model, lm.tokenizer, "alma", config, tmp_path / str(i))
+        finetune_model(lm.model, lm.tokenizer, "alma", config, tmp_path / str(i))
         logs.append(json.loads((tmp_path / str(i) / "train_log.jsonl").read_text().splitlines()[0]))
     lengths = [len(t) for _, t in encode_examples(load_pairs(str(pairs_file)), lm.tokenizer, "alma", 96)]
     assert len(set(lengths)) > 1
@@ -274,7 +274,7 @@ def test_validation_uses_the_bundled_valid_split_where_there_is_one():
 def test_shipped_translator_beats_its_base_on_reference_perplexity(smollm):
     """smollm2-135m-mt (data/adapters, made by `make smollm2-135m-mt`) loads by name with its base merged in, and
     is the better de-en and en-de model by reference perplexity on WMT22 sentences it was not trained on."""
-    from almak.eval.metrics import reference_nll
+    from almak.modeling.engines.scoring import reference_nll
     from almak.modeling.load import ADAPTERS
     from almak.modeling.text.data import load_testset
 
