@@ -84,6 +84,7 @@ def bench(models, batch_sizes, prompt_len, gen_len, repeats, device, dtype, shap
              if d.get("weight_bytes") is not None]
     graphed = "almak" in engine_list and cuda_graphs and r.device.startswith("cuda")
     loop = " / ".join(f"{e} loop" for e in dict.fromkeys(engine_list)) + (" (CUDA graphs)" if graphed else "")
-    print_table(rows, title=f"{r.device}, {loop}, {prompt_len} prompt + {gen_len} generated tokens, median of {repeats}")
+    print_table(rows, title=f"{r.device}, {loop}, {prompt_len} prompt + {gen_len} generated tokens, "
+                            f"median of {repeats}")
     if r.out:
         click.echo(f"wrote {r.out}", err=True)

@@ -178,9 +178,14 @@ def training_bar(desc: str, total: int):
     post, bars = {}, []
 
     def on_event(event: dict) -> None:
-        if not bars:
+        if event["event"] == "targets":  # distill --targets teacher: the teacher translates first
+            if not bars:
+                bars.append(progress_bar("teacher translates", event["total"], unit="sent"))
+            bars[0].update(event["done"] - bars[0].n)
+            return
+        if not bars or bars[-1].desc.startswith("teacher"):
             bars.append(progress_bar(desc, total, unit="step"))
-        bar = bars[0]
+        bar = bars[-1]
         if event["event"] == "start":
             bar.update(event["step"] - bar.n)
             return

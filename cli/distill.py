@@ -1,4 +1,4 @@
-"""``almak distill``: recover a pruned or quantized checkpoint from its float teacher."""
+"""``almak distill``: recover a pruned, quantized or smaller student from its float teacher."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from almak.cli.common import (
     training_speed_options,
 )
 from almak.modeling.devices import describe_memory
-from almak.modeling.pipelines.distill import PRUNED_LR, SCALES_LR, DistillConfig
+from almak.modeling.pipelines.distill import PRUNED_LR, SCALES_LR, STUDENT_LR, DistillConfig
 from almak.modeling.pipelines.distill import distill as run_distill
 
 DISTILL_DEFAULTS = DistillConfig(steps=200)
@@ -21,8 +21,9 @@ DISTILL_DEFAULTS = DistillConfig(steps=200)
 
 @click.command()
 @click.argument("student")
-@click.option("--teacher", required=True, help="The float model the student was compressed from (any model "
-                                               "reference: smollm2-135m, a folder, a hub id).")
+@click.option("--teacher", required=True, help="The float model the student was made from, or any model with the "
+                                               "student's tokenizer (a model reference: smollm2-135m-mt, a folder, "
+                                               "a hub id).")
 @click.option("--data", default=DISTILL_DEFAULTS.data, show_default=True,
               help="Training pairs, as almak finetune --data takes them (alma, alma:de-en,en-de, or a file).")
 @click.option("--lang-pair", help="Direction of a .tsv --data file (as almak finetune).")
@@ -39,7 +40,14 @@ DISTILL_DEFAULTS = DistillConfig(steps=200)
               help="Optimizer steps.")
 @click.option("--lr", type=Finite(0, 1, min_open=True), default=None,
               help=f"Peak learning rate of everything that trains [default: {PRUNED_LR:g} for the kept weights of "
-                   f"pruned layers, {SCALES_LR:g} for the scales of quantized ones].")
+                   f"pruned layers, {SCALES_LR:g} for the scales of quantized ones, {STUDENT_LR:g} for every weight "
+                   "of a float student].")
+@click.option("--targets", type=click.Choice(["reference", "teacher"]), default=DISTILL_DEFAULTS.targets,
+              show_default=True,
+              help="What the student learns to write: reference: the data's human translations (KD on each of "
+                   "their tokens); teacher: the teacher's own greedy translations of the same sources "
+                   "(sequence-level KD, Kim and Rush 2016), made before training (for the steps x batch-size x "
+                   "grad-accum examples the run sees) and cached for later runs with the same teacher and data.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DISTILL_DEFAULTS.batch_size, show_default=True,
               help="Sequences per forward pass (the teacher runs on the same batch).")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=DISTILL_DEFAULTS.grad_accum, show_default=True,
@@ -64,14 +72,15 @@ DISTILL_DEFAULTS = DistillConfig(steps=200)
                    "checkpoint and train_log.jsonl.")
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out (same settings).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, temperature, steps, lr, batch_size,
-            grad_accum, max_len, bf16, group_by_length, warmup, eval_every, save_every, seed, prompt_family, device,
-            dtype, out_dir, resume, overwrite):
-    """Recover a pruned or quantized STUDENT by distilling its float --teacher on parallel data.
+def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, temperature, steps, lr, targets,
+            batch_size, grad_accum, max_len, bf16, group_by_length, warmup, eval_every, save_every, seed, prompt_family,
+            device, dtype, out_dir, resume, overwrite):
+    """Recover a pruned, quantized or smaller STUDENT by distilling its float --teacher on parallel data.
 
-    STUDENT is an almak prune or almak quantize checkpoint. The loss on each reference token mixes the KL
-    divergence to the teacher's next-token distribution (at --temperature) with cross-entropy on the reference.
-    The student keeps its structure: pruned layers train their kept weights only (2:4 stays 2:4), quantized
+    The loss on each target token mixes the KL divergence to the teacher's next-token distribution (at
+    --temperature) with cross-entropy on the target. A smaller student (almak prune --method structured, or any
+    causal LM with the teacher's tokenizer, whatever its shape) trains every weight. An almak prune or almak
+    quantize checkpoint keeps its structure: pruned layers train their kept weights only (2:4 stays 2:4), quantized
     layers keep their integer codes and train their scales; embeddings, norms and lm_head stay frozen. The
     result is a checkpoint of the same kind: almak eval / translate / bench take it, and transformers
     loads it as it loads the student.
@@ -81,11 +90,12 @@ def distill(student, teacher, data, lang_pair, valid, valid_sentences, alpha, te
       almak distill runs/smollm-24 --teacher smollm2-135m --data alma:de-en --steps 90 --batch-size 8 \\
           --grad-accum 1 --out runs/smollm-24-kd
       almak distill runs/smollm-w4g64 --teacher smollm2-135m --data alma:de-en,en-de --out runs/smollm-w4-kd
+      almak distill smollm-small --teacher smollm2-135m-mt --data alma:de-en,en-de --steps 400 --out smollm-small-kd
     """
     config = DistillConfig(data=data, lang_pair=lang_pair, valid=valid, valid_sentences=valid_sentences, alpha=alpha,
                            temperature=temperature, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                            max_len=max_len, bf16=bf16, group_by_length=group_by_length, warmup=warmup,
-                           eval_every=eval_every, save_every=save_every, seed=seed)
+                           eval_every=eval_every, save_every=save_every, seed=seed, targets=targets)
     with training_bar("distill", config.steps) as events:
         result = run_distill(student, teacher, config, out_dir, device=device, dtype=dtype, prompt=prompt_family,
                              resume=resume, overwrite=overwrite, progress=events)

@@ -107,6 +107,7 @@ __all__ = [
     "save_quantized", "save_pruned", "load_quantized", "read_recipe", "is_compressed_checkpoint",
     "is_gptq_checkpoint", "vllm_limits", "vllm_notes", "vllm_refusals", "vllm_summary", "checkpoint_quantization_config", "ct_quantization_config",
     "ct_sparsity_config", "pack_rows", "unpack_rows", "WEIGHTS_FILE", "RECIPE_FILE", "SPARSITY_REPORT_FILE",
+    "STRUCTURE_REPORT_FILE", "save_structured", "save_float",
     "CT_FORMAT", "CT_LAYOUT_VERSION", "CT_SPARSE_FORMAT", "CT_SPARSE_LAYOUT_VERSION", "SPARSE_FORMATS",
     "SPARSITY_KEY", "declared_24", "swap_declared_24", "load_quantizing",
 ]
@@ -116,6 +117,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "almak_recipe.json"
 SPARSITY_REPORT_FILE = "sparsity_report.json"
+STRUCTURE_REPORT_FILE = "structure_report.json"  # what structured pruning kept of the source, and why
 # Bytes allowed beyond the tensors when checking free space: config, tokenizer (a Llama-3 tokenizer.json is
 # about 9 MB) and the safetensors header.
 SPACE_MARGIN = 64 * 2**20
@@ -257,6 +259,22 @@ def save_pruned(model: nn.Module, tokenizer, out_dir, recipe: dict, report: dict
     """
     return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite, sparse_format,
                              {SPARSITY_REPORT_FILE: report})
+
+
+def save_structured(model: nn.Module, tokenizer, out_dir, recipe: dict, report: dict, overwrite: bool = False) -> Path:
+    """Write a structured-pruned ``model``: a plain float model folder of its (smaller) shape, which transformers,
+    vLLM and llama.cpp load as they load the source, plus ``structure_report.json`` (``report``: what was kept, the
+    importances, the shapes compared) and the recipe. Same temporary-folder and ``overwrite`` rules as
+    :func:`save_quantized`."""
+    if quant_layers(model) or sparse_layers(model):
+        raise AlmakError("a structured-pruned model is a float model; this one has quantized or 2:4 layers")
+    return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite, "dense", {STRUCTURE_REPORT_FILE: report})
+
+
+def save_float(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite: bool = False,
+               extra_json: dict[str, dict] | None = None) -> Path:
+    """Write a float ``model`` as a plain model folder with almak's recipe (and ``extra_json`` files beside it)."""
+    return _write_checkpoint(model, tokenizer, out_dir, recipe, overwrite, "dense", extra_json)
 
 
 def _write_checkpoint(model: nn.Module, tokenizer, out_dir, recipe: dict, overwrite: bool, sparse_format: str,

@@ -16,11 +16,20 @@ The student keeps its structure, so that the result is a checkpoint of the same 
 - 2:4 + int4 projections (``Sparse24QuantLinear``) train their scales the same way; a pruned code equals the
   zero point, so it stays zero whatever the scale.
 
-Everything else (embeddings, norms, ``lm_head``) stays frozen.
+Everything else (embeddings, norms, ``lm_head``) stays frozen. A float student with no pruned projections (an
+``almak prune --method structured`` model, or any causal LM with the teacher's tokenizer, whatever its shape) trains
+every weight: logits are compared position by position over the shared vocabulary, so the shapes need not match.
+
+With ``targets="teacher"`` the references are replaced by the teacher's own greedy translations of the same sources
+(sequence-level knowledge distillation, Kim and Rush 2016, "Sequence-Level Knowledge Distillation"): the student
+learns the outputs it is meant to reproduce, which for a small student is easier than the human references. The
+translations are made once and cached (``$ALMAK_CACHE/teacher-targets/``), for every student of the same teacher and
+data.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -32,12 +41,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from almak.errors import AlmakError
-from almak.files import write_dir_atomic
+from almak.files import write_dir_atomic, write_text_atomic
 from almak.modeling.checkpoint import (
     SPARSITY_REPORT_FILE,
-    is_compressed_checkpoint,
-    is_gptq_checkpoint,
+    STRUCTURE_REPORT_FILE,
     read_recipe,
+    save_float,
     save_pruned,
     save_quantized,
 )
@@ -54,6 +63,10 @@ from almak.quant.pack import dequantize_groupwise
 # Full-weight rate for pruned students (ALMA's full fine-tune rate is 2e-5; a recovery run is short and starts
 # close to the teacher, so it can go faster) and the scale rate for quantized ones (PEQA used 5e-5 to 5e-4).
 PRUNED_LR, SCALES_LR = 5e-5, 2e-4
+# Every weight of a structured-pruned student: it starts further from its teacher (whole layers, heads and channels
+# gone) and is small; Minitron's distillation of 4B-8B students ran at 1e-4 (peak, cosine decay).
+STUDENT_LR = 1e-4
+TARGETS = ("reference", "teacher")
 
 
 @dataclass
@@ -66,8 +79,10 @@ class DistillConfig(FinetuneConfig):
 
     alpha: float = 0.5  # weight of the KD term; 1 - alpha goes to the references' cross-entropy
     temperature: float = 2.0
-    lr_pruned: float | None = None  # None: PRUNED_LR; lr (if given) applies to both kinds
+    lr_pruned: float | None = None  # None: PRUNED_LR; lr (if given) applies to every kind
     lr_scales: float | None = None  # None: SCALES_LR
+    lr_student: float | None = None  # None: STUDENT_LR (every weight of a float student)
+    targets: str = "reference"  # reference: the data's translations; teacher: the teacher's (sequence-level KD)
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,14 +91,18 @@ class DistillConfig(FinetuneConfig):
         if not self.temperature > 0:
             raise AlmakError(f"the temperature must be positive, got {self.temperature}")
         if self.full:
-            raise AlmakError("distillation trains what the student's structure allows (kept weights, scales), "
-                             "not every weight")
+            raise AlmakError("--full does not apply to distill: a float student trains every weight, a compressed "
+                             "one what its structure allows (kept weights, scales)")
+        if self.targets not in TARGETS:
+            raise AlmakError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
 
     def rate(self, kind: str) -> float:
         if self.lr is not None:
             return self.lr
         if kind == "pruned":
             return self.lr_pruned if self.lr_pruned is not None else PRUNED_LR
+        if kind == "full":
+            return self.lr_student if self.lr_student is not None else STUDENT_LR
         return self.lr_scales if self.lr_scales is not None else SCALES_LR
 
     def to_json(self) -> dict:
@@ -91,6 +110,7 @@ class DistillConfig(FinetuneConfig):
         for k in ("full", "lora_rank", "lora_alpha", "lora_dropout", "target_modules"):
             d.pop(k, None)
         d["lr"], d["lr_pruned"], d["lr_scales"] = self.lr, self.rate("pruned"), self.rate("scales")
+        d["lr_student"] = self.rate("full")
         return d
 
 
@@ -127,21 +147,41 @@ class TrainableScales(nn.Module):
 
 @dataclass
 class Student:
-    """What :func:`prepare_student` made trainable: masks of pruned layers (True = pruned), scale wrappers."""
+    """What :func:`prepare_student` made trainable: masks of pruned layers (True = pruned), scale wrappers; or, for
+    a float student, every weight (``full``)."""
 
     masks: dict[str, torch.Tensor]
     scales: dict[str, TrainableScales]
     stored_24: list[str]  # layers that were Sparse24Linear and go back to it
+    full: bool = False
 
     @property
     def kind(self) -> str:
+        if self.full:
+            return "every weight"
         return " + ".join(k for k, v in (("pruned", self.masks), ("quantized", self.scales)) if v)
+
+
+def is_float_student(model: nn.Module, pruned: Iterable[str] = ()) -> bool:
+    """Whether ``model`` has nothing a compression left to keep (no quantized or 2:4 layers, no pruned projections
+    listed): it trains every weight."""
+    kinds = (QuantLinear, Sparse24QuantLinear, Sparse24Linear)
+    compressed = any(isinstance(m, kinds) for _, m in target_linears(model))
+    return not compressed and not set(pruned)
 
 
 def prepare_student(model: nn.Module, pruned: Iterable[str] = ()) -> Student:
     """Freeze ``model`` except the kept weights of its pruned projections (its 2:4 layers and the dense ones named
-    in ``pruned``, as a checkpoint's sparsity report lists them) and the scales of its quantized ones."""
+    in ``pruned``, as a checkpoint's sparsity report lists them) and the scales of its quantized ones; a float
+    student (:func:`is_float_student`) trains every weight."""
     pruned = set(pruned)
+    if is_float_student(model, pruned):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if any(p.dtype == torch.float16 for p in model.parameters()):
+            raise AlmakError("training float16 weights underflows in AdamW; load the student in float32 or bfloat16 "
+                             "(--dtype)")
+        return Student({}, {}, [], full=True)
     for p in model.parameters():
         p.requires_grad_(False)
     masks, scales, stored_24 = {}, {}, []
@@ -161,9 +201,6 @@ def prepare_student(model: nn.Module, pruned: Iterable[str] = ()) -> Student:
             wrapper = TrainableScales(module)
             set_module(model, name, wrapper)
             scales[name] = wrapper
-    if not masks and not scales:
-        raise AlmakError("the student has no pruned or quantized projections to recover: give an almak prune or "
-                         "almak quantize checkpoint (or distill the float model with almak finetune)")
     if any(model.get_submodule(n).weight.dtype == torch.float16 for n in masks):
         raise AlmakError("training float16 weights underflows in AdamW; load the student in float32 or bfloat16 "
                          "(--dtype)")
@@ -222,31 +259,103 @@ class DistillResult:
 def distill(student: str, teacher: str | None, config: DistillConfig, out: str | Path, *, device: str = "auto",
             dtype: str = "auto", prompt: str | None = None, resume: bool = False, overwrite: bool = False,
             progress: Callable[[dict], None] | None = None) -> DistillResult:
-    """``almak distill``: recover ``student`` (an almak prune or quantize checkpoint folder) by distilling
-    ``teacher`` (any model reference; the embedded model when None) on ``config.data``; the result, written to
-    ``out``, is a checkpoint of the student's kind. Devices, prompt, resume and progress as :func:`finetune`.
+    """``almak distill``: recover ``student`` by distilling ``teacher`` (any model reference; the embedded model when
+    None) on ``config.data``; the result, written to ``out``, is a checkpoint of the student's kind. ``student`` is an
+    almak prune or quantize checkpoint (it keeps its structure), or any causal LM with the teacher's tokenizer,
+    structured-pruned or not (every weight trains). Devices, prompt, resume and progress as :func:`finetune`;
+    ``progress`` also gets ``{"event": "targets", "done": n, "total": N}`` while the teacher translates
+    (``config.targets == "teacher"``).
 
     >>> distill("runs/smollm-24", "smollm2-135m", DistillConfig(data="alma:de-en", steps=90), "runs/smollm-24-kd")
     ... # doctest: +SKIP
     """
     out = Path(out)
     check_output(out, resume, overwrite, inputs=(student, teacher, config.data, config.valid))
-    if not Path(student).is_dir() or not ((Path(student) / SPARSITY_REPORT_FILE).is_file()
-                                          or is_compressed_checkpoint(student) or is_gptq_checkpoint(student)):
-        raise AlmakError(f"{student!r} is not an almak prune or almak quantize checkpoint folder")
-    if Path(student).resolve() == out.resolve():
+    if Path(student).expanduser().exists() and Path(student).expanduser().resolve() == out.resolve():
         raise AlmakError("--out must not be the student's own folder")
     load_pairs(config.data, config.lang_pair)  # refuse unknown directions and bad files before loading models
     device, dtype = training_device(device, dtype)
-    t = load_model(teacher or DEFAULT_MODEL, device=device, dtype=dtype)
     s = load_model(student, device=device, dtype=dtype)
+    t = load_model(teacher or DEFAULT_MODEL, device=device, dtype=dtype)
+    check_same_tokenizer(s.tokenizer, t.tokenizer, s.model, t.model)
     family = prompt or guess_family(t.ref, t.tokenizer)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = distill_model(s.model, t.model, s.tokenizer, family, config, out, student_ref=student,
+    run_config = config
+    if config.targets == "teacher":
+        targets = teacher_targets(t, family, config, progress)
+        run_config = dataclasses.replace(config, data=str(targets), lang_pair=None)
+    result = distill_model(s.model, t.model, s.tokenizer, family, run_config, out, student_ref=student,
                            teacher_ref=t.ref, resume=resume, progress=progress, overwrite=overwrite)
     return dataclasses.replace(result, out=out, student=student, teacher=t.ref, prompt=family,
                                peak_memory=peak_memory(device))
+
+
+def check_same_tokenizer(student_tok, teacher_tok, student: nn.Module | None = None,
+                         teacher: nn.Module | None = None) -> None:
+    """Refuse a student whose tokenizer (or output vocabulary) is not the teacher's, naming the first difference:
+    the KD loss compares their next-token distributions entry by entry."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if len(sv) != len(tv):
+        raise AlmakError(f"the student's tokenizer has {len(sv)} tokens and the teacher's {len(tv)}: distillation "
+                         "compares their distributions token by token, so both need the same tokenizer")
+    for token, i in sorted(tv.items(), key=lambda kv: kv[1]):
+        if sv.get(token) != i:
+            raise AlmakError(f"the student's tokenizer differs from the teacher's: token {token!r} is id {i} for the "
+                             f"teacher and {sv.get(token)} for the student")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        a, b = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
+        if a != b:
+            raise AlmakError(f"the student's tokenizer differs from the teacher's: {name} is {a} for the student and "
+                             f"{b} for the teacher")
+    if student is not None and teacher is not None:
+        a, b = student.config.vocab_size, teacher.config.vocab_size
+        if a != b:
+            raise AlmakError(f"the student's output vocabulary has {a} entries and the teacher's {b}: distillation "
+                             "needs the same")
+
+
+def teacher_targets(teacher, family: str, config: DistillConfig,
+                    progress: Callable[[dict], None] | None = None) -> Path:
+    """A course-project JSONL (``langs``, ``src``, ``ref``) of the teacher's greedy translations of the sources a run
+    of ``config`` sees (``steps x batch_size x grad_accum`` of the data's pairs, drawn by ``config.seed``, or all of
+    them), made once and cached: ``$ALMAK_CACHE/teacher-targets/<key>.jsonl``, the key a hash of the teacher, the
+    data, the draw and the prompt."""
+    from almak.modeling.engines.generate import GenerationConfig, translate
+    from almak.modeling.load import cache_dir
+    from almak.modeling.text.prompts import Prompt
+
+    sets = load_pairs(config.data, config.lang_pair)
+    pairs = [(ts, i) for ts in sets for i in range(len(ts.sources))]
+    n = min(len(pairs), config.steps * config.batch_size * config.grad_accum)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed)).tolist()[:n]
+    chosen = [pairs[k] for k in order]
+    key = hashlib.sha256(json.dumps([teacher.ref, config.data, config.lang_pair, config.seed, n, family,
+                                     config.max_len], sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "teacher-targets" / f"{key}.jsonl"
+    if path.is_file():
+        return path
+    by_direction: dict[str, list] = {}
+    for ts, i in chosen:
+        by_direction.setdefault(ts.lang_pair, []).append((ts, i))
+    records, done = [], 0
+    gen = GenerationConfig(num_beams=1, max_new_tokens=config.max_len, batch_size=max(config.batch_size, 8))
+    for pair, items in by_direction.items():
+        ts = items[0][0]
+        sources = [ts.sources[i] for _, i in items]
+
+        def tick(k: int) -> None:
+            nonlocal done
+            done += k
+            if progress:
+                progress({"event": "targets", "done": done, "total": n})
+
+        prompt = Prompt(family, ts.src, ts.tgt)
+        hyps = translate(teacher.model, teacher.tokenizer, sources, prompt, gen, tick).hypotheses
+        records += [{"langs": pair, "src": s, "ref": h} for s, h in zip(sources, hyps) if s.strip() and h.strip()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
 
 
 def distill_model(student: nn.Module, teacher: nn.Module, tokenizer, prompt_family: str, config: DistillConfig,
@@ -285,9 +394,14 @@ def distill_model(student: nn.Module, teacher: nn.Module, tokenizer, prompt_fami
                          **run.recipe_fields}
     out = Path(out_dir)
 
+    structure = _sparsity_report(source, STRUCTURE_REPORT_FILE)
+
     def fill(tmp: Path) -> None:  # tmp is an empty folder: the checkpoint writers replace it (overwrite)
         if info.scales:
             save_quantized(run.model, tokenizer, tmp, recipe, overwrite=True)
+        elif info.full:
+            save_float(run.model, tokenizer, tmp, recipe, overwrite=True,
+                       extra_json={STRUCTURE_REPORT_FILE: structure} if structure else None)
         else:
             save_pruned(run.model, tokenizer, tmp, recipe, report, overwrite=True)
         shutil.copyfile(out / "train_log.jsonl", tmp / "train_log.jsonl")
@@ -300,6 +414,12 @@ def _optimizer(model: nn.Module, student: Student, config: DistillConfig):
     """AdamW with the kept weights at the pruned rate and the scales at the scales rate, no weight decay on
     scales (they are the weight's magnitude, not a free parameter), the finetune schedule."""
 
+    if student.full:  # as almak finetune --full: decay on matrices only
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.rate("full"))
+        return optimizer, schedule(optimizer, config)
     groups = []
     weights = [model.get_submodule(n).weight for n in student.masks]
     scales = [w.scale for w in student.scales.values()]

@@ -29,6 +29,7 @@ from almak.modeling.devices import calibration_device, peak_memory
 from almak.modeling.load import DEFAULT_MODEL, load_model, weight_bytes
 from almak.modeling.nn.surgery import sparsify_
 from almak.modeling.pipelines.calibrate import calibration_samples, run_layerwise
+from almak.modeling.pipelines.structured import StructuredRecipe, StructuredResult, prune_structured
 from almak.modeling.text.prompts import guess_family
 from almak.sparse import SparseGPT, Sparsity, Wanda, apply_mask_, magnitude_mask, sparsity_of
 
@@ -191,17 +192,25 @@ class PruneResult:
     vllm: str | None  # for 2:4 checkpoints: whether vLLM runs them, and how
 
 
-def prune(model: str | None, recipe: PruneRecipe, out: str | Path, *, device: str = "auto", dtype: str = "auto",
-          prompt: str | None = None, sparse_format: str = "dense", overwrite: bool = False,
-          progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> PruneResult:
+def prune(model: str | None, recipe: PruneRecipe | StructuredRecipe, out: str | Path, *, device: str = "auto",
+          dtype: str = "auto", prompt: str | None = None, sparse_format: str = "dense", overwrite: bool = False,
+          progress: Callable[[str, int], Callable[[int], None] | None] | None = None
+          ) -> PruneResult | StructuredResult:
     """``almak prune``: load ``model``, prune its decoder-layer projections by ``recipe`` and write the checkpoint
-    ``out`` with ``sparsity_report.json`` and the recipe. 2:4 layers are stored as ``sparse_format`` says.
+    ``out`` with ``sparsity_report.json`` and the recipe. 2:4 layers are stored as ``sparse_format`` says. A
+    :class:`~almak.modeling.pipelines.structured.StructuredRecipe` makes a smaller model instead
+    (:func:`~almak.modeling.pipelines.structured.prune_structured`).
 
     Calibration (Wanda, SparseGPT) runs on ``device`` in ``dtype``, on ``prompt``-family samples (guessed from the
     model when None); ``progress(recipe.method, layers)`` may return a callback fed per decoder layer.
 
     >>> prune("smollm2-135m", PruneRecipe(method="wanda", sparsity=0.5), "smollm-wanda50")   # doctest: +SKIP
     """
+    if isinstance(recipe, StructuredRecipe):
+        if sparse_format != "dense":
+            raise AlmakError("--sparse-format is for 2:4 layers; structured pruning writes a plain, smaller model")
+        return prune_structured(model, recipe, out, device=device, dtype=dtype, prompt=prompt, overwrite=overwrite,
+                                progress=progress)
     out = Path(out)
     check_new_output(out, overwrite, inputs=(model, recipe.calib))
     if sparse_format not in SPARSE_FORMATS:

@@ -293,7 +293,7 @@ VALID = {("--seed", "0"), ("--valid-sentences", "0"), ("--eval-every", "0"), ("-
 VALID |= {(name, ABSURD) for name in ("--limit", "--steps", "--repeats", "--nsamples", "--seqlen", "--max-len",
                                       "--eval-every", "--save-every", "--valid-sentences", "--batch-size",
                                       "--max-new-tokens", "--num-beams", "--prompt-len", "--gen-len", "--layers",
-                                      "--grad-accum", "--lora-rank")}
+                                      "--grad-accum", "--lora-rank", "--heads", "--kv-heads", "--mlp", "--hidden")}
 
 
 def numeric_rows():
@@ -326,8 +326,10 @@ def test_the_option_table_covers_every_numeric_option():
 
 
 # The first refusal after the options for a value that passes them (the model, or what the option needs).
-PASSED = {"distill": f"'{NO_MODEL}' is not an almak prune or almak quantize checkpoint folder",
-          "--layers": "--layers goes with --shape", "--tensor-parallel-size": "--tensor-parallel-size goes with --engine vllm"}
+PASSED = {("bench", "--layers"): "--layers goes with --shape",
+          "--tensor-parallel-size": "--tensor-parallel-size goes with --engine vllm"}
+PASSED |= {("prune", o): f"{o} go with --method structured" for o in ("--layers", "--heads", "--kv-heads", "--mlp",
+                                                                      "--hidden")}
 
 
 @pytest.mark.parametrize("command, option, value", ROWS)
@@ -335,7 +337,7 @@ def test_numeric_option(tmp_path, command, option, value):
     args = [a.format(tmp=tmp_path) for a in BASE[command]] + [option, value]
     result = run([command, *args], input="Hallo\n")
     if (option, value) in VALID or (option == "--tensor-parallel-size" and value == ABSURD):
-        assert_refused(result, PASSED.get(option) or PASSED.get(command) or f"unknown model '{NO_MODEL}'")
+        assert_refused(result, PASSED.get((command, option)) or PASSED.get(option) or f"unknown model '{NO_MODEL}'")
     elif option == "--batch-sizes":
         assert_refused(result, "--batch-sizes takes comma-separated integers" if value == "x"
                        else "batch sizes must be positive integers")
@@ -355,6 +357,10 @@ def test_numeric_option(tmp_path, command, option, value):
      "GiB are free on cpu: lower --batch-sizes, --prompt-len or --gen-len"),
     (["quantize", *RTN[:-2], "--method", "gptq", "--nsamples", ABSURD, "--out", "{tmp}/out"],
      f"--nsamples {ABSURD} is more than the 5000 pairs of the calibration set 'alma'"),
+    (["prune", "--method", "structured", "--heads", ABSURD, "--out", "{tmp}/out"],
+     f"--heads {ABSURD}: the model has 6; give 1 to 6"),
+    (["prune", "--method", "structured", "--mlp", ABSURD, "--out", "{tmp}/out"],
+     f"--mlp {ABSURD}: the model has 256; give 1 to 256"),
 ])
 def test_absurd_values_checked_against_the_model(tiny_llama_dir, tmp_path, args, message):
     args = [a.format(tmp=tmp_path) for a in args]

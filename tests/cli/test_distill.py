@@ -53,7 +53,7 @@ def test_distill_writes_a_2_to_4_checkpoint(tiny_llama_dir, student, tsv, tmp_pa
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--teacher", "x"], "is not an almak prune or almak quantize checkpoint folder"),
+    (["--teacher", "./no-such-teacher"], "unknown model './no-such-teacher'"),
     (["--teacher", "x", "--alpha", "2"], "Invalid value for '--alpha'"),
 ])
 def test_refusals(tiny_llama_dir, tmp_path, args, message):

@@ -125,9 +125,11 @@ def F_linear(x, layer):
     return torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias)
 
 
-def test_refuses_a_student_with_nothing_to_recover(teacher):
-    with pytest.raises(AlmakError, match="no pruned or quantized projections"):
-        prepare_student(copy.deepcopy(teacher.model))
+def test_a_float_student_trains_every_weight(teacher):
+    model = copy.deepcopy(teacher.model)
+    student = prepare_student(model)
+    assert student.full and student.kind == "every weight" and not student.masks and not student.scales
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_config_refusals():
@@ -190,3 +192,73 @@ def test_kd_term_is_kl_of_teacher_to_student_at_temperature(teacher, pairs_file)
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-3)
         # Another teacher (the student itself: KL 0) gives another loss.
         assert float(kd_loss(student, alpha, T)(student, ids, attn, labels)) < 0.5 * float(got)
+
+
+# ---------------------------------------------------------------------------- students of another shape (issue 36)
+
+
+def kd_of(student_model, teacher, pairs_file) -> float:
+    ids, attn, labels = batch(teacher, pairs_file)
+    with torch.no_grad():
+        return float(kd_loss(teacher.model, 1.0, 2.0)(student_model, ids, attn, labels))
+
+
+def test_a_smaller_student_trains_every_weight_and_its_kd_loss_falls(teacher, pairs_file, tmp_path):
+    """A structured-pruned student (one layer, fewer heads, a narrower MLP and hidden size) learns its teacher:
+    every weight moves, the KD loss on held data falls, and the result is a plain model of the student's shape."""
+    from almak.modeling.pipelines.distill import distill
+    from almak.modeling.pipelines.structured import StructuredRecipe, prune_structured
+
+    small = tmp_path / "small"
+    prune_structured(teacher.ref,
+                     StructuredRecipe(layers=1, heads=4, kv_heads=2, mlp=128, hidden=64, nsamples=4, seqlen=32),
+                     small, device="cpu")
+    before = load_model(str(small), device="cpu", dtype="float32").model
+    kd_before = kd_of(before, teacher, pairs_file)
+    result = distill(str(small), teacher.ref, config(pairs_file, steps=8, alpha=1.0, lr=3e-3), tmp_path / "kd",
+                     device="cpu", dtype="float32")
+    assert result.summary["trains"] == "every weight"
+    after = load_model(str(tmp_path / "kd"), device="cpu", dtype="float32").model
+    assert after.config.hidden_size == 64 and after.config.num_hidden_layers == 1
+    moved = {n for n, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[n])}
+    assert moved == set(before.state_dict()), sorted(set(before.state_dict()) - moved)
+    assert kd_of(after, teacher, pairs_file) < 0.9 * kd_before
+    recipe = json.loads((tmp_path / "kd" / "almak_recipe.json").read_text())
+    assert recipe["method"] == "structured" and recipe["distill"]["trains"] == "every weight"
+    assert (tmp_path / "kd" / "structure_report.json").is_file()
+
+
+def test_a_student_with_another_tokenizer_is_refused(teacher, pairs_file, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from almak.modeling.pipelines.distill import distill
+
+    tok = copy.deepcopy(teacher.tokenizer)
+    tok.add_tokens(["<almak-extra>"])
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(AlmakError, match=r"the student's tokenizer has \d+ tokens and the teacher's \d+"):
+        distill(str(other), teacher.ref, config(pairs_file), tmp_path / "kd", device="cpu")
+    assert not (tmp_path / "kd").exists()
+
+
+def test_sequence_level_targets_are_the_teachers_translations(teacher, pairs_file, tmp_path, monkeypatch):
+    """--targets teacher: the run trains on the teacher's own greedy translations of the sources it sees, made once
+    (cached) and equal to what almak translate gives."""
+    from almak.modeling.engines.generate import GenerationConfig, translate
+    from almak.modeling.pipelines.distill import teacher_targets
+
+    monkeypatch.setenv("ALMAK_CACHE", str(tmp_path / "cache"))
+    cfg = config(pairs_file, targets="teacher", steps=2, batch_size=2, max_len=24)
+    events = []
+    path = teacher_targets(teacher, "alma", cfg, events.append)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert 0 < len(records) <= 4 and events[-1]["done"] == 4 == events[-1]["total"]
+    sources = [r["src"] for r in records]
+    want = translate(teacher.model, teacher.tokenizer, sources, Prompt("alma", "de", "en"),
+                     GenerationConfig(num_beams=1, max_new_tokens=24, batch_size=8)).hypotheses
+    assert [r["ref"] for r in records] == want and all(r["langs"] == "de-en" for r in records)
+    again = []
+    assert teacher_targets(teacher, "alma", cfg, again.append) == path and not again  # cached: nothing translated
