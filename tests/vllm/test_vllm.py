@@ -81,6 +81,9 @@ class Checkpoints:
         "rtn-w8-channel": ["quantize", MODEL, "--method", "rtn", "--bits", "8", "--group-size", "-1"],
         "sparsegpt-24": ["prune", MODEL, "--method", "sparsegpt", "--pattern", "2:4",
                          "--skip", "self_attn,down_proj,layers.0,layers.29", *CALIB],
+        # A smaller student of every kind of cut: layers, a key/value group, MLP neurons, hidden channels.
+        "structured": ["prune", MODEL, "--method", "structured", "--layers", "20", "--heads", "6", "--kv-heads", "2",
+                       "--mlp", "1024", "--hidden", "480", "--nsamples", "8", "--seqlen", "64", "--device", "cpu"],
     }
 
     def __init__(self, root: Path):
@@ -109,10 +112,11 @@ def identical(a: list[str], b: list[str]) -> int:
     return sum(x == y for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("name", [MODEL, "sparsegpt-24"])
+@pytest.mark.parametrize("name", [MODEL, "sparsegpt-24", "structured"])
 def test_float_models_match_almak_in_float32(checkpoints, tmp_path, name):
-    """The embedded model and a 2:4 checkpoint (stored dense, the default) in float32: the same translations and
-    the same reference perplexity as almak's loop, and the same report fields."""
+    """The embedded model, a 2:4 checkpoint (stored dense, the default) and a structured-pruned student (a smaller
+    shape, head_dim written into its config) in float32: the same translations and the same reference perplexity as
+    almak's loop, and the same report fields."""
     model = name if name == MODEL else checkpoints(name)
     ours, our_hyps = almak_eval(model, tmp_path / "almak")
     theirs, their_hyps = vllm_eval(model, tmp_path / "vllm", "--dtype", "float32")

@@ -170,6 +170,8 @@ def test_candidates_are_uniform_sub_shapes():
     shapes = candidate_shapes(source, 0.5)
     assert shapes and all(s.heads % s.kv_heads == 0 and s.heads // s.kv_heads <= 3 for s in shapes)
     assert all(s.hidden % 64 == 0 and s.mlp % 64 == 0 and s.layers >= 15 for s in shapes)
+    assert all(s.hidden % s.heads == 0 for s in shapes)  # transformers 5 refuses any other LLaMA config
+    assert any(s.heads == 6 for s in shapes) and any(s.hidden < 576 for s in shapes)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -191,6 +193,7 @@ def test_recipe_refusals(kw, message):
     (dict(heads=6, kv_heads=2), "at most the model's 2 per group"),
     (dict(heads=4, kv_heads=3), "same number of query heads in every key/value group"),
     (dict(layers=4), "nothing to prune"),
+    (dict(hidden=100), "--hidden 100 is not a multiple of --heads 8: transformers .* or --heads 4"),
 ])
 def test_shape_refusals(kw, message):
     with pytest.raises(AlmakError, match=message):
@@ -254,3 +257,30 @@ def test_quantized_source_is_refused(tiny_llama_dir, tmp_path):
 def test_importance_type():
     imp = Importance(torch.ones(2, 4), torch.ones(2, 8), torch.ones(16), torch.zeros(2), 1.0)
     assert imp.kv_groups(2).shape == (2, 2) and float(imp.kv_groups(2)[0, 0]) == 2.0
+
+
+def test_a_student_quantizes_and_prunes_like_any_model(tiny_llama_dir, tmp_path):
+    """The compressed kinds compose: a structured student takes GPTQ, mixed precision and 2:4 like any model, and
+    the results load as almak's layers of the student's shape."""
+    from almak.modeling.load import load_model
+    from almak.modeling.nn.quant_linear import QuantLinear
+    from almak.modeling.nn.sparse_linear import Sparse24Linear
+
+    student = tmp_path / "student"
+    prune_structured(str(tiny_llama_dir), StructuredRecipe(layers=1, heads=4, kv_heads=2, mlp=128, hidden=64,
+                                                           nsamples=4, seqlen=32), student, device="cpu")
+    calib = ["--calib", "alma:de-en", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
+    for name, args, layer in [
+        ("gptq", ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "32", *calib], QuantLinear),
+        ("mixed", ["quantize", "--method", "rtn", "--bits", "auto", "--target-bits", "6", "--group-size", "32",
+                   *calib], QuantLinear),
+        ("24", ["prune", "--method", "wanda", "--pattern", "2:4", *calib], Sparse24Linear),
+    ]:
+        out = tmp_path / name
+        result = CliRunner().invoke(main, [args[0], str(student), *args[1:], "--out", str(out)])
+        assert result.exit_code == 0, (name, result.output)
+        model = load_model(str(out), device="cpu", dtype="float32").model
+        assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 1
+        assert isinstance(model.model.layers[0].mlp.up_proj, layer), name
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=torch.randint(0, 1000, (1, 8))).logits).all()
