@@ -146,18 +146,23 @@ smollm2-135m-mt: $(VENV)/.installed
 
 # The shipped student of smollm2-135m-mt (README, "Smaller students"): structured pruning of smollm2-135m-mt
 # (STUDENT_SHAPE) calibrated on its de-en and en-de pairs, then distillation from it on the same pairs, every weight,
-# fixed seeds; about an hour on 2 cores. Resumes an interrupted distillation. Once built, the name smollm2-mt-student
-# works wherever a model reference does ($ALMAK_CACHE/built/smollm2-mt-student).
+# fixed seeds; under an hour on 2 cores. Resumes an interrupted distillation; a finished step is not run again. Once built, the name
+# smollm2-mt-student works wherever a model reference does ($ALMAK_CACHE/built/smollm2-mt-student).
 STUDENT_RUN ?= runs/smollm2-mt-student
+STUDENT_TEACHER ?= smollm2-135m-mt
 STUDENT_SHAPE ?= --layers 20
-STUDENT_STEPS ?= 200
+STUDENT_CALIB ?= --calib alma:de-en,en-de
+STUDENT_STEPS ?= 150
+STUDENT_TRAIN ?= --data alma:de-en,en-de --batch-size 8 --grad-accum 2 --group-by-length --valid-sentences 100 \
+	--eval-every 50 --save-every 25
 smollm2-mt-student: $(VENV)/.installed
-	$(if $(wildcard $(STUDENT_RUN)/pruned/config.json),,$(VENV)/bin/almak prune smollm2-135m-mt --method structured \
-		$(STUDENT_SHAPE) --calib alma:de-en,en-de --seed 0 --device cpu --out $(STUDENT_RUN)/pruned)
-	$(VENV)/bin/almak distill $(STUDENT_RUN)/pruned --teacher smollm2-135m-mt --data alma:de-en,en-de \
-		--steps $(STUDENT_STEPS) --batch-size 8 --grad-accum 2 --group-by-length --valid-sentences 100 \
-		--eval-every 50 --save-every 25 --seed 0 --device cpu --out $(STUDENT_RUN)/distilled \
-		$(if $(wildcard $(STUDENT_RUN)/distilled/checkpoint),--resume,$(if $(wildcard $(STUDENT_RUN)/distilled),--overwrite,))
+	mkdir -p $(STUDENT_RUN)
+	$(if $(wildcard $(STUDENT_RUN)/pruned/config.json),,$(VENV)/bin/almak prune $(STUDENT_TEACHER) \
+		--method structured $(STUDENT_SHAPE) $(STUDENT_CALIB) --seed 0 --device cpu --out $(STUDENT_RUN)/pruned)
+	$(if $(wildcard $(STUDENT_RUN)/distilled/config.json),@echo "$(STUDENT_RUN)/distilled is built; delete it to \
+		distil again",$(VENV)/bin/almak distill $(STUDENT_RUN)/pruned --teacher $(STUDENT_TEACHER) \
+		--steps $(STUDENT_STEPS) $(STUDENT_TRAIN) --seed 0 --device cpu --out $(STUDENT_RUN)/distilled \
+		$(if $(wildcard $(STUDENT_RUN)/distilled/checkpoint),--resume,$(if $(wildcard $(STUDENT_RUN)/distilled),--overwrite,)))
 	$(VENV)/bin/python -P -c 'import sys; from almak.modeling.load import install_built; \
 		print("installed", install_built("smollm2-mt-student", sys.argv[1]))' $(STUDENT_RUN)/distilled
 

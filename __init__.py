@@ -23,6 +23,8 @@ _API = {
     "prune": "almak.modeling.pipelines.prune",
     "PruneRecipe": "almak.modeling.pipelines.prune",
     "PruneResult": "almak.modeling.pipelines.prune",
+    "StructuredRecipe": "almak.modeling.pipelines.structured",
+    "StructuredResult": "almak.modeling.pipelines.structured",
     "finetune": "almak.modeling.pipelines.finetune",
     "FinetuneConfig": "almak.modeling.pipelines.finetune",
     "FinetuneResult": "almak.modeling.pipelines.finetune",

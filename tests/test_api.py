@@ -48,7 +48,10 @@ def test_unknown_name_is_an_attribute_error():
      almak.quantize),
     (["prune", "--method", "wanda", "--pattern", "2:4", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"],
      almak.PruneRecipe(method="wanda", pattern="2:4", nsamples=4, seqlen=32), almak.prune),
-], ids=["rtn", "gptq", "wanda-2:4"])
+    (["prune", "--method", "structured", "--layers", "1", "--heads", "4", "--mlp", "128", "--nsamples", "4",
+      "--seqlen", "32", "--device", "cpu"],
+     almak.StructuredRecipe(layers=1, heads=4, mlp=128, nsamples=4, seqlen=32), almak.prune),
+], ids=["rtn", "gptq", "wanda-2:4", "structured"])
 def test_cli_and_api_write_byte_identical_checkpoints(tiny_llama_dir, tmp_path, command, recipe, api):
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     result = CliRunner().invoke(main, [command[0], str(tiny_llama_dir), *command[1:], "--out", str(cli_out)])

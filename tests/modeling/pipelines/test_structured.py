@@ -3,6 +3,8 @@ importances keep what matters, the search stays under its budget, and the folder
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 import json
 
 import pytest
@@ -284,3 +286,36 @@ def test_a_student_quantizes_and_prunes_like_any_model(tiny_llama_dir, tmp_path)
         assert isinstance(model.model.layers[0].mlp.up_proj, layer), name
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=torch.randint(0, 1000, (1, 8))).logits).all()
+
+
+def test_make_recipe_builds_and_installs_the_student(tiny_llama_dir, tmp_path, monkeypatch):
+    """``make smollm2-mt-student`` as shipped, on a tiny teacher and a short budget: prune, distill, install under the
+    name; run again, it builds nothing and installs the same model."""
+    import subprocess
+    import sys
+
+    from almak.modeling.load import load_model
+
+    root = Path(__file__).resolve().parents[3]
+    venv = Path(sys.prefix)
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = ["make", "-C", str(root), "-o", f"{venv}/.installed", "smollm2-mt-student", f"VENV={venv}",
+           f"STUDENT_RUN={run_dir}", f"STUDENT_TEACHER={tiny_llama_dir}", "STUDENT_SHAPE=--layers 1 --mlp 128",
+           "STUDENT_CALIB=--calib alma:de-en --nsamples 4 --seqlen 32", "STUDENT_STEPS=2",
+           "STUDENT_TRAIN=--data alma:de-en --batch-size 2 --grad-accum 1 --valid-sentences 0 --save-every 1"]
+    env = {**os.environ, "ALMAK_CACHE": str(cache)}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    built = cache / "built" / "smollm2-mt-student"
+    assert f"installed {built}" in first.stdout
+    recipe = json.loads((built / "almak_recipe.json").read_text())
+    assert recipe["shape"]["layers"] == 1 and recipe["shape"]["mlp"] == 128
+    assert recipe["distill"]["teacher"] == str(tiny_llama_dir) and recipe["distill"]["config"]["steps"] == 2
+    before = (built / "model.safetensors").read_bytes()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "distilled is built" in second.stdout and "almak prune" not in second.stdout
+    assert (built / "model.safetensors").read_bytes() == before
+    monkeypatch.setenv("ALMAK_CACHE", str(cache))
+    student = load_model("smollm2-mt-student", device="cpu", dtype="float32").model
+    assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 128
