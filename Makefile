@@ -150,11 +150,11 @@ smollm2-135m-mt: $(VENV)/.installed
 # smollm2-mt-student works wherever a model reference does ($ALMAK_CACHE/built/smollm2-mt-student).
 STUDENT_RUN ?= runs/smollm2-mt-student
 STUDENT_TEACHER ?= smollm2-135m-mt
-STUDENT_SHAPE ?= --layers 20
+STUDENT_SHAPE ?= --layers 24 --mlp 1152
 STUDENT_CALIB ?= --calib alma:de-en,en-de
-STUDENT_STEPS ?= 150
+STUDENT_STEPS ?= 200
 STUDENT_TRAIN ?= --data alma:de-en,en-de --batch-size 8 --grad-accum 2 --group-by-length --valid-sentences 100 \
-	--eval-every 50 --save-every 25
+	--eval-every 50 --save-every 50
 smollm2-mt-student: $(VENV)/.installed
 	mkdir -p $(STUDENT_RUN)
 	$(if $(wildcard $(STUDENT_RUN)/pruned/config.json),,$(VENV)/bin/almak prune $(STUDENT_TEACHER) \
