@@ -91,7 +91,7 @@ def masked_teacher(model: nn.Module, kept) -> nn.Module:
 SHAPES = {
     "layers": dict(layers=3),
     "heads-in-groups": dict(heads=4),  # one query head of each key/value group goes
-    "kv-groups": dict(heads=6, kv_heads=3),  # a whole group goes
+    "kv-groups": dict(heads=4, kv_heads=2),  # two whole groups go (the hidden size stays a multiple of the heads)
     "mlp": dict(mlp=128),
     "hidden": dict(hidden=96),
     "all": dict(layers=3, heads=4, kv_heads=2, mlp=128, hidden=64),
