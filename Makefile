@@ -146,8 +146,8 @@ smollm2-135m-mt: $(VENV)/.installed
 
 # The shipped student of smollm2-135m-mt (README, "Smaller students"): structured pruning of smollm2-135m-mt
 # (STUDENT_SHAPE) calibrated on its de-en and en-de pairs, then distillation from it on the same pairs, every weight,
-# fixed seeds; under an hour on 2 cores. Resumes an interrupted distillation; a finished step is not run again. Once built, the name
-# smollm2-mt-student works wherever a model reference does ($ALMAK_CACHE/built/smollm2-mt-student).
+# fixed seeds; under an hour on 2 cores. Resumes an interrupted distillation; a finished step is not run again. Once
+# built, the name smollm2-mt-student works wherever a model reference does ($ALMAK_CACHE/built/smollm2-mt-student).
 STUDENT_RUN ?= runs/smollm2-mt-student
 STUDENT_TEACHER ?= smollm2-135m-mt
 STUDENT_SHAPE ?= --layers 24 --mlp 1152

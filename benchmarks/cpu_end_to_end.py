@@ -41,11 +41,12 @@ CHECKPOINTS = {
 }
 
 
-def run_process(args: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of one process; stops the benchmark if it fails."""
+def run_process(args: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of one process (``env``: its environment, this one's when None);
+    stops the benchmark if it fails."""
     with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(args, stdout=out_file, stderr=err_file, text=True)
+        proc = subprocess.Popen(args, stdout=out_file, stderr=err_file, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (Popen.wait would discard it)
         seconds = time.perf_counter() - t0
         code = proc.returncode = os.waitstatus_to_exitcode(status)

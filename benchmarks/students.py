@@ -26,11 +26,11 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_end_to_end import run_process  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEACHER = "smollm2-135m-mt"
@@ -44,16 +44,7 @@ SHAPES = {
 
 def run(args: list, python: str = sys.executable, env: dict | None = None) -> tuple[float, str]:
     """(wall seconds, stdout) of ``python -P -m almak.cli.main ARGS``; stops the benchmark if it fails."""
-    cmd = [python, "-P", "-m", "almak.cli.main", *map(str, args)]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        code = subprocess.run(cmd, stdout=out, stderr=err, text=True, env=env).returncode
-        seconds = time.perf_counter() - t0
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if code != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({code}):\n{stderr[-3000:]}")
+    seconds, _, stdout = run_process([python, "-P", "-m", "almak.cli.main", *map(str, args)], env)
     return seconds, stdout
 
 

@@ -3,9 +3,9 @@ importances keep what matters, the search stays under its budget, and the folder
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
-import json
 
 import pytest
 import torch
